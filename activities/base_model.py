@@ -1,0 +1,77 @@
+"""Finding the base model's weights on this machine, and naming them for lineage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from activities.errors import user_error
+from store.artifacts import sha256_file
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    path: Path
+    revision: str  # hub commit, or sha256 over the local weight files
+    config: dict
+
+
+def resolve_base_model(name: str) -> BaseModel:
+    """A local model directory, or a hub id already in the local Hugging Face cache."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise user_error(
+                f"base_model {name!r} is a directory without config.json; point it at a directory "
+                "written by save_pretrained (config.json, weights and tokenizer files)"
+            )
+        revision = weights_sha256(path)
+    elif path.is_absolute() or name.startswith((".", "~")):
+        raise user_error(f"base_model {name!r} does not exist on the worker; check the path")
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(name, local_files_only=True))
+        except Exception:
+            raise user_error(
+                f"base_model {name!r} is neither a local directory nor in this worker's Hugging Face cache, "
+                f"and this service does not download weights while a run starts; run `hf download {name}` "
+                "on the worker first, or give a local directory"
+            ) from None
+        revision = path.name
+    config = json.loads((path / "config.json").read_text())
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
+        raise user_error(f"base_model {name!r} has no weight files (*.safetensors or *.bin) in {path}")
+    return BaseModel(path=path, revision=revision, config=config)
+
+
+def weights_sha256(path: Path) -> str:
+    """One sha256 naming the exact local weights: over each weight file's name and sha256."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def count_parameters(path: Path) -> tuple[int, list[str]]:
+    """Parameter count and linear-layer names, read from safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    total, linear = 0, set()
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            for key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n
+                parts = key.split(".")
+                if len(shape) == 2 and parts[-1] == "weight" and len(parts) >= 2 and "embed" not in parts[-2]:
+                    linear.add(parts[-2])
+    return total, sorted(linear)

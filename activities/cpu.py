@@ -1,0 +1,62 @@
+"""Activities of worker_cpu: run events, preflight, dataset snapshot, publish.
+
+Sync activities on a thread pool: each is idempotent for its inputs, so a retry after a
+crashed worker repeats it safely.
+"""
+
+from __future__ import annotations
+
+from temporalio import activity
+
+from activities.preflight import build_plan
+from activities.publish import publish_adapter
+from activities.snapshot import snapshot_dataset as make_snapshot
+from schemas.activities import (
+    DatasetSnapshot,
+    PreflightInput,
+    PublishInput,
+    PublishResult,
+    RecordEventInput,
+    SnapshotInput,
+    TrainingPlan,
+)
+from schemas.settings import Settings
+from store.artifacts import ArtifactStore
+from store.db import Database, RunRow
+
+# Event data that also updates the run row; anything large stays off the event itself.
+RUN_FIELDS = {c for c in RunRow.model_fields}
+LARGE = {"plan", "dataset_snapshot", "metrics"}
+
+
+class CpuActivities:
+    def __init__(self, settings: Settings, db: Database, store: ArtifactStore):
+        self.settings, self.db, self.store = settings, db, store
+
+    @activity.defn(name="record_event")
+    def record_event(self, inp: RecordEventInput) -> None:
+        """Write a state transition to the run's events and row. Idempotent on (run_id, seq)."""
+        fields = {k: v for k, v in inp.data.items() if k in RUN_FIELDS}
+        data = {k: v for k, v in inp.data.items() if k not in LARGE}
+        self.db.record_state(inp.run_id, inp.seq, inp.state, inp.message, data, **fields)
+
+    @activity.defn(name="preflight")
+    def preflight(self, inp: PreflightInput) -> TrainingPlan:
+        """Resolve model, data and config into a plan, or fail with what to change."""
+        plan = build_plan(inp.run_id, inp.spec, self.db, self.store)
+        for w in plan.warnings:
+            self.db.add_event(inp.run_id, "warning", w)
+        return plan
+
+    @activity.defn(name="snapshot_dataset")
+    def snapshot_dataset(self, inp: SnapshotInput) -> DatasetSnapshot:
+        """Copy, validate, split and tokenize the dataset. Resumes from nothing: rewrites the same keys."""
+        return make_snapshot(inp.plan, self.db, self.store)
+
+    @activity.defn(name="publish")
+    def publish(self, inp: PublishInput) -> PublishResult:
+        """Copy the final adapter to its versioned key with a lineage manifest."""
+        return publish_adapter(inp, self.db, self.store)
+
+    def all(self) -> list:
+        return [self.record_event, self.preflight, self.snapshot_dataset, self.publish]

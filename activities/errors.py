@@ -1,0 +1,10 @@
+"""Errors a user can cause fail the run at once, with a message that says what to change."""
+
+from temporalio.exceptions import ApplicationError
+
+USER_ERROR = "UserError"
+
+
+def user_error(message: str, **details) -> ApplicationError:
+    """A non-retryable failure whose message is shown on the run as its reason."""
+    return ApplicationError(message, details or None, type=USER_ERROR, non_retryable=True)

@@ -1,0 +1,140 @@
+"""Activities of worker_gpu: evaluate and train_chunk. One at a time per GPU.
+
+train_chunk resumes from the newest committed checkpoint in the artifact store, whichever
+worker wrote it; heartbeat details only report progress.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from temporalio import activity
+
+from activities.heartbeat import Heartbeater
+from activities.lineage import hardware
+from schemas.activities import ChunkInput, ChunkResult, EvalResult, EvalSample, EvaluateInput
+from schemas.settings import Settings
+from store.artifacts import ArtifactStore, sha256_file
+from store.checkpoints import commit_checkpoint, fetch_checkpoint, fetch_latest_checkpoint
+from store.db import Database
+
+SAMPLES = 3
+
+
+class GpuActivities:
+    def __init__(self, settings: Settings, db: Database, store: ArtifactStore):
+        self.settings, self.db, self.store = settings, db, store
+        (settings.home / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def _workdir(self):
+        return tempfile.TemporaryDirectory(dir=self.settings.home / "tmp", prefix="activity-")
+
+    def _fetch_rows(self, key: str, sha256: str, dest: Path) -> list[dict]:
+        from worker_gpu.recipe_lora import read_rows
+
+        path = self.store.get_file(key, dest)
+        if sha256_file(path) != sha256:
+            raise RuntimeError(f"{key} does not match the snapshot's sha256")
+        return read_rows(path)
+
+    @activity.defn(name="train_chunk")
+    def train_chunk(self, inp: ChunkInput) -> ChunkResult:
+        """Train to inp.until_step from the newest committed checkpoint (or from scratch),
+        then commit a checkpoint. Pause, cancel or worker shutdown finish the current step,
+        checkpoint and return early."""
+        from worker_gpu.model_loading import pick_device
+        from worker_gpu.recipe_lora import CURSOR_FILE, LoraRecipe
+
+        started = time.monotonic()
+        state = {"step": 0, "loss": None, "checkpoint": None}
+        with self._workdir() as tmp:
+            tmp = Path(tmp)
+            with Heartbeater(self.settings.heartbeat_every_s, lambda: dict(state)):
+                found = fetch_latest_checkpoint(self.store, inp.run_id, tmp / "in")
+                if found:
+                    ref, manifest, ckpt_dir = found
+                    state.update(step=ref.step, checkpoint=ref.manifest_key)
+                    if ref.step >= inp.until_step:  # a retry after the commit: nothing left to do
+                        losses = json.loads((ckpt_dir / CURSOR_FILE).read_text())["recent_losses"]
+                        return ChunkResult(
+                            checkpoint=ref, step=ref.step, loss=_mean(losses), step_losses=losses,
+                            resumed_from_step=ref.step, seconds=time.monotonic() - started,
+                        )
+                rows = self._fetch_rows(inp.snapshot.train_uri, inp.snapshot.train_sha256, tmp / "train.jsonl")
+                recipe = LoraRecipe(inp.plan, rows, pick_device())
+                recipe.setup(ckpt_dir if found else None)
+            resumed_from = recipe.step
+            if resumed_from:
+                self.db.add_event(inp.run_id, "info", f"resumed from checkpoint at step {resumed_from}")
+            last_report = 0.0
+
+            def after_step(step: int, loss: float) -> bool:
+                nonlocal last_report
+                state.update(step=step, loss=loss)
+                if time.monotonic() - last_report >= self.settings.progress_every_s or step == inp.until_step:
+                    last_report = time.monotonic()
+                    activity.heartbeat(dict(state))
+                    self.db.record_progress(inp.run_id, step, inp.plan.total_steps, loss, {"loss": loss})
+                return activity.is_cancelled() or activity.is_worker_shutdown()
+
+            # Cancellation is raised only after the step in flight and the checkpoint are done.
+            with activity.shield_thread_cancel_exception():
+                losses = recipe.train(inp.until_step, after_step)
+                recipe.save_checkpoint(tmp / "out", losses)
+                ref = commit_checkpoint(
+                    self.store, inp.run_id, recipe.step, tmp / "out",
+                    meta={"hardware": hardware(), "resumed_from_step": resumed_from},
+                )
+                state.update(checkpoint=ref.manifest_key)
+                activity.heartbeat(dict(state))
+                recipe.cleanup()
+        return ChunkResult(
+            checkpoint=ref, step=ref.step, loss=_mean(losses), step_losses=losses,
+            resumed_from_step=resumed_from, seconds=time.monotonic() - started,
+        )
+
+    @activity.defn(name="evaluate")
+    def evaluate(self, inp: EvaluateInput) -> EvalResult:
+        """Eval loss of the base model, or of base + the checkpoint's adapter, on the eval split;
+        plus a few greedy samples. Resumes from nothing: it is read-only."""
+        import torch
+
+        from worker_gpu.model_loading import attach_adapter, load_base_model, load_tokenizer, pick_device
+        from worker_gpu.recipe_lora import ADAPTER_DIR, eval_loss
+
+        with self._workdir() as tmp, Heartbeater(self.settings.heartbeat_every_s, lambda: {"label": inp.label}):
+            tmp = Path(tmp)
+            rows = self._fetch_rows(inp.snapshot.eval_uri, inp.snapshot.eval_sha256, tmp / "eval.jsonl")
+            device = pick_device()
+            model = load_base_model(inp.plan, device)
+            if inp.checkpoint is not None:
+                found = fetch_checkpoint(self.store, inp.run_id, inp.checkpoint.step, tmp / "ckpt")
+                if found is None:
+                    raise RuntimeError(f"checkpoint at step {inp.checkpoint.step} is missing or corrupt")
+                # Loading the saved PEFT adapter here is also the check that the export loads.
+                model = attach_adapter(model, inp.plan, tmp / "ckpt" / ADAPTER_DIR, trainable=False)
+            loss, tokens = eval_loss(model, rows, inp.plan.micro_batch_size, device)
+            tokenizer = load_tokenizer(inp.plan.base_model_path)
+            samples = []
+            for row in rows[:SAMPLES]:
+                enc = tokenizer(row["prompt"], return_tensors="pt", add_special_tokens=False).to(device)
+                with torch.no_grad():
+                    out = model.generate(
+                        **enc, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                    )
+                text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                samples.append(EvalSample(prompt=row["prompt"], reference=row["reference"], generated=text))
+        return EvalResult(
+            label=inp.label, loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens, samples=samples
+        )
+
+    def all(self) -> list:
+        return [self.train_chunk, self.evaluate]
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")

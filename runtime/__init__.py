@@ -1,0 +1,1 @@
+"""What every process does at start: logging, and its connection to Temporal."""

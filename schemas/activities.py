@@ -1,0 +1,169 @@
+"""Inputs and outputs of the workflow and its activities.
+
+Payloads carry references (URIs, sha256s) and small metrics, never tensors or files.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from schemas.run_spec import RunSpec
+from schemas.run_state import RunState
+
+
+class RunInput(BaseModel):
+    """Input of the TuneLLM workflow."""
+
+    run_id: str
+    spec: RunSpec
+    cpu_task_queue: str = Field(description="Task queue of worker_cpu (preflight, data, publish, events).")
+    gpu_task_queue: str = Field(description="Task queue of worker_gpu (eval, training).")
+
+
+class RunResult(BaseModel):
+    run_id: str
+    state: RunState
+    baseline_eval_loss: float
+    tuned_eval_loss: float
+    adapter_uri: str
+    manifest_uri: str
+
+
+class RecordEventInput(BaseModel):
+    """A state transition or notable event, written to the metadata DB. Idempotent on (run_id, seq)."""
+
+    run_id: str
+    seq: int
+    state: RunState
+    message: str = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class PreflightInput(BaseModel):
+    run_id: str
+    spec: RunSpec
+
+
+class TrainingPlan(BaseModel):
+    """The resolved plan: everything training needs, decided before a GPU is touched."""
+
+    run_id: str
+    spec: RunSpec
+    spec_sha256: str
+    base_model_path: str = Field(description="Local directory the weights load from.")
+    base_model_id: str = Field(description="What the user named (hub id or directory).")
+    base_model_revision: str = Field(description="Hub commit, or sha256 of the local weight files.")
+    model_type: str
+    num_parameters: int
+    has_chat_template: bool
+    dataset_shape: str
+    valid_rows: int
+    train_rows: int
+    eval_rows: int
+    micro_batch_size: int
+    grad_accum: int
+    max_seq_len: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    memory_estimate_bytes: int
+    warnings: list[str] = Field(default_factory=list)
+
+
+class SnapshotInput(BaseModel):
+    run_id: str
+    plan: TrainingPlan
+
+
+class TokenStats(BaseModel):
+    min: int
+    max: int
+    mean: float
+    p50: int
+    p95: int
+    truncated_rows: int
+    truncated_share: float
+    trained_tokens: int = Field(description="Tokens that carry loss (assistant/completion) in the train split.")
+
+
+class DatasetSnapshot(BaseModel):
+    """An immutable, tokenized snapshot of the dataset with its deterministic split."""
+
+    sha256: str = Field(description="sha256 of the raw dataset file as given.")
+    source_uri: str = Field(description="Artifact-store key of the raw file copy.")
+    train_uri: str
+    train_sha256: str
+    eval_uri: str
+    eval_sha256: str
+    shape: str
+    total_rows: int
+    bad_rows: int
+    train_rows: int
+    eval_rows: int
+    token_stats: TokenStats
+    report: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckpointRef(BaseModel):
+    """Points at a committed checkpoint: its manifest is the truth."""
+
+    manifest_key: str
+    step: int
+    manifest_sha256: str
+
+
+class ChunkInput(BaseModel):
+    run_id: str
+    plan: TrainingPlan
+    snapshot: DatasetSnapshot
+    until_step: int = Field(description="Train up to (and including) this optimizer step, then checkpoint.")
+
+
+class ChunkResult(BaseModel):
+    checkpoint: CheckpointRef
+    step: int
+    loss: float = Field(description="Mean training loss over the steps of this chunk.")
+    step_losses: list[float] = Field(default_factory=list)
+    resumed_from_step: int
+    seconds: float
+
+
+class EvaluateInput(BaseModel):
+    run_id: str
+    plan: TrainingPlan
+    snapshot: DatasetSnapshot
+    checkpoint: CheckpointRef | None = Field(None, description="None evaluates the base model alone.")
+    label: str = "baseline"
+
+
+class EvalSample(BaseModel):
+    prompt: str
+    reference: str
+    generated: str
+
+
+class EvalResult(BaseModel):
+    label: str
+    loss: float
+    perplexity: float
+    tokens: int
+    samples: list[EvalSample] = Field(default_factory=list)
+
+
+class PublishInput(BaseModel):
+    run_id: str
+    plan: TrainingPlan
+    snapshot: DatasetSnapshot
+    checkpoint: CheckpointRef
+    baseline: EvalResult
+    tuned: EvalResult
+    step_losses: list[float] = Field(default_factory=list)
+
+
+class PublishResult(BaseModel):
+    adapter_uri: str
+    adapter_path: str | None = Field(None, description="Local directory of the adapter, when the store is local.")
+    manifest_uri: str
+    manifest_sha256: str

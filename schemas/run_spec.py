@@ -1,0 +1,97 @@
+"""The run spec: what a user asks for when they start a tuning run.
+
+Every field has a default (where one makes sense) and a description; the same model is
+the body of `POST /v1/runs`, the YAML file given to `lockn-tune tune`, and the input of
+the `TuneLLM` workflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SLUG = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+class Method(str, Enum):
+    """How the base model is tuned."""
+
+    lora = "lora"
+    qlora = "qlora"
+
+
+class LRScheduler(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Hyperparameters(BaseModel):
+    """Training knobs. The defaults are sensible for LoRA on a 1-8B instruction model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(3, ge=1, le=100, description="Passes over the training split.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")
+    lr_scheduler: LRScheduler = Field(LRScheduler.cosine, description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay on LoRA weights.")
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names that get LoRA adapters, or 'all-linear' for every linear layer but the output head.",
+    )
+    max_seq_len: int = Field(1024, ge=16, le=131072, description="Tokens per example; longer ones are truncated.")
+    micro_batch_size: int = Field(4, ge=1, le=1024, description="Examples per forward pass.")
+    grad_accum: int = Field(4, ge=1, le=1024, description="Forward passes per optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(42, ge=0, description="Seed for LoRA init, data order and dropout.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_targets(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("target_modules is empty: name at least one module, or use 'all-linear'")
+        return v
+
+
+class RunSpec(BaseModel):
+    """A tuning run, as the user describes it."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    kind: Literal["llm"] = Field("llm", description="What is tuned. 'llm' for LoRA/QLoRA on a causal LM.")
+    project: str = Field("default", pattern=SLUG, description="Project the run belongs to.")
+    name: str = Field("run", min_length=1, max_length=120, description="Human name for the run.")
+    base_model: str = Field(
+        ..., min_length=1, description="Hugging Face model id (from the local cache) or a local model directory."
+    )
+    dataset: str = Field(
+        ..., min_length=1, description="An uploaded dataset id (ds_...) or a path to a local JSONL file."
+    )
+    method: Method = Field(Method.lora, description="'lora' (full-precision base) or 'qlora' (4-bit NF4 base).")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    eval_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of valid rows held out for evaluation.")
+    checkpoint_every_steps: int = Field(
+        50, ge=1, description="Optimizer steps per training chunk; a checkpoint is committed after each."
+    )
+    max_bad_row_fraction: float = Field(
+        0.5, ge=0, le=1, description="Refuse the dataset when more than this share of rows is invalid."
+    )
+
+    def sha256(self) -> str:
+        """sha256 of the canonical JSON form, recorded in lineage."""
+        return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,1 @@
+"""Where state lives outside Temporal: the metadata DB and the artifact store."""

@@ -1,0 +1,86 @@
+"""Checkpoints in the artifact store, committed by their manifest.
+
+A checkpoint is a directory of files (PEFT adapter, optimizer/scheduler/RNG state, data
+cursor). Its files go up first; the manifest, naming every file with its sha256, goes up
+last. A checkpoint without a manifest does not exist; one whose files do not match their
+manifest is skipped for the one before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import structlog
+
+from schemas.activities import CheckpointRef
+from schemas.run_spec import canonical_json
+from store.artifacts import ArtifactStore, sha256_file
+
+log = structlog.get_logger(__name__)
+
+FORMAT = "lockn-tune.checkpoint/1"
+
+
+def checkpoint_prefix(run_id: str, step: int) -> str:
+    return f"runs/{run_id}/checkpoints/{step:09d}"
+
+
+def commit_checkpoint(store: ArtifactStore, run_id: str, step: int, src: Path, meta: dict) -> CheckpointRef:
+    """Upload every file under src, then the manifest. Idempotent for a step already committed."""
+    prefix = checkpoint_prefix(run_id, step)
+    manifest_key = f"{prefix}/manifest.json"
+    files = {}
+    for path in sorted(p for p in Path(src).rglob("*") if p.is_file()):
+        rel = path.relative_to(src).as_posix()
+        sha = store.put_file(f"{prefix}/{rel}", path)
+        files[rel] = {"sha256": sha, "size": path.stat().st_size}
+    manifest = {
+        "format": FORMAT,
+        "run_id": run_id,
+        "step": step,
+        "files": files,
+        "meta": meta,
+        "committed_at": time.time(),
+    }
+    sha = store.put_bytes(manifest_key, canonical_json(manifest).encode())
+    return CheckpointRef(manifest_key=manifest_key, step=step, manifest_sha256=sha)
+
+
+def committed_steps(store: ArtifactStore, run_id: str) -> list[int]:
+    """Steps with a manifest, newest first."""
+    steps = []
+    for key in store.list(f"runs/{run_id}/checkpoints"):
+        parts = key.split("/")
+        if len(parts) == 5 and parts[-1] == "manifest.json" and parts[3].isdigit():
+            steps.append(int(parts[3]))
+    return sorted(set(steps), reverse=True)
+
+
+def fetch_checkpoint(store: ArtifactStore, run_id: str, step: int, dest: Path) -> tuple[CheckpointRef, dict] | None:
+    """Download checkpoint `step` into dest and verify it; None when it is missing or corrupt."""
+    manifest_key = f"{checkpoint_prefix(run_id, step)}/manifest.json"
+    try:
+        raw = store.get_bytes(manifest_key)
+        manifest = json.loads(raw)
+        for rel, info in manifest["files"].items():
+            path = store.get_file(f"{checkpoint_prefix(run_id, step)}/{rel}", Path(dest) / rel)
+            if sha256_file(path) != info["sha256"]:
+                raise ValueError(f"{rel} does not match its sha256 in the manifest")
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("checkpoint.skipped", run_id=run_id, step=step, reason=str(exc))
+        return None
+    ref = CheckpointRef(manifest_key=manifest_key, step=step, manifest_sha256=hashlib.sha256(raw).hexdigest())
+    return ref, manifest
+
+
+def fetch_latest_checkpoint(store: ArtifactStore, run_id: str, dest: Path) -> tuple[CheckpointRef, dict, Path] | None:
+    """The newest checkpoint that verifies, downloaded under dest/<step>; None when there is none."""
+    for step in committed_steps(store, run_id):
+        target = Path(dest) / f"{step:09d}"
+        found = fetch_checkpoint(store, run_id, step, target)
+        if found:
+            return found[0], found[1], target
+    return None

@@ -1,0 +1,1 @@
+"""worker_cpu: hosts the workflows and the CPU activities. Never touches a GPU."""

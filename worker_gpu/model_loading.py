@@ -1,0 +1,81 @@
+"""Loading a base model (full precision or 4-bit NF4) and its LoRA adapter.
+
+One code path for a tiny local test model and a real Hugging Face model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from schemas.activities import TrainingPlan
+from schemas.run_spec import Method
+
+
+def pick_device() -> torch.device:
+    """The GPU this worker is pinned to (CUDA_VISIBLE_DEVICES), else the CPU."""
+    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_base_model(plan: TrainingPlan, device: torch.device):
+    """The base model as the plan says: NF4 4-bit for QLoRA, compute dtype otherwise."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(device)
+    kwargs = dict(torch_dtype=dtype, device_map={"": device.index if device.type == "cuda" else "cpu"})
+    if plan.spec.method == Method.qlora:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            # Keep the (tiny-model) output head in full precision, as PEFT's QLoRA recipe does.
+            llm_int8_skip_modules=["lm_head"],
+        )
+    model = AutoModelForCausalLM.from_pretrained(plan.base_model_path, local_files_only=True, **kwargs)
+    if plan.spec.method == Method.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.config.use_cache = False
+    return model
+
+
+def lora_config(plan: TrainingPlan):
+    from peft import LoraConfig
+
+    hp = plan.spec.hyperparameters
+    return LoraConfig(
+        r=hp.lora_r,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=hp.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapter(model, plan: TrainingPlan, adapter_dir: Path | None, trainable: bool):
+    """A fresh LoRA adapter (seeded) or the one saved in adapter_dir."""
+    from peft import PeftModel, get_peft_model
+
+    if adapter_dir is None:
+        torch.manual_seed(plan.spec.hyperparameters.seed)
+        return get_peft_model(model, lora_config(plan))
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,210 @@
+"""LoRA / QLoRA training recipe for causal LMs: setup -> train -> save_checkpoint.
+
+A chunk of training is: build the recipe from the newest checkpoint (or fresh), train up
+to a step, save a checkpoint. Everything that decides the next step is in the checkpoint
+(adapter, optimizer, scheduler, RNG states, data cursor), so a chunk resumed after a
+crash continues exactly where the committed checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from schemas.activities import TrainingPlan
+from worker_gpu.model_loading import attach_adapter, compute_dtype, load_base_model
+
+IGNORE = -100
+STATE_FILE = "trainer_state.pt"
+CURSOR_FILE = "cursor.json"
+ADAPTER_DIR = "adapter"
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def collate(rows: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; padding carries no attention and no loss."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def label_tokens(rows: list[dict]) -> int:
+    """Tokens that carry loss after the causal shift."""
+    return sum(sum(1 for t in r["labels"][1:] if t != IGNORE) for r in rows)
+
+
+def summed_loss(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Sum of token cross-entropies over the labelled tokens of a batch."""
+    with torch.autocast(batch["input_ids"].device.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    target = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+class LoraRecipe:
+    """One readable training recipe for LoRA and QLoRA (the plan says which)."""
+
+    def __init__(self, plan: TrainingPlan, train_rows: list[dict], device: torch.device):
+        self.plan = plan
+        self.hp = plan.spec.hyperparameters
+        self.rows = train_rows
+        self.device = device
+        self.dtype = compute_dtype(device)
+        self.step = 0
+        self.epoch = 0
+        self.position = 0
+        self._orders: dict[int, list[int]] = {}
+
+    # setup
+
+    def setup(self, checkpoint_dir: Path | None) -> None:
+        """Load the base model and the adapter; restore optimizer, scheduler, RNG and cursor."""
+        from transformers import get_scheduler
+
+        base = load_base_model(self.plan, self.device)
+        adapter_dir = checkpoint_dir / ADAPTER_DIR if checkpoint_dir else None
+        self.model = attach_adapter(base, self.plan, adapter_dir, trainable=True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay)
+        self.scheduler = get_scheduler(
+            self.hp.lr_scheduler.value,
+            self.optimizer,
+            num_warmup_steps=self.plan.warmup_steps,
+            num_training_steps=self.plan.total_steps,
+        )
+        if checkpoint_dir is None:
+            self._seed_everything(self.hp.seed)
+            return
+        state = torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self._restore_rng(state["rng"])
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _restore_rng(self, rng: dict) -> None:
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # data
+
+    def _order(self, epoch: int) -> list[int]:
+        """The permutation of the train split for an epoch, derived from the seed alone."""
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.hp.seed * 1_000_003 + epoch)
+            self._orders = {epoch: torch.randperm(len(self.rows), generator=g).tolist()}
+        return self._orders[epoch]
+
+    def _next_examples(self, count: int) -> list[dict]:
+        out = []
+        while len(out) < count:
+            order = self._order(self.epoch)
+            take = order[self.position : self.position + count - len(out)]
+            out.extend(self.rows[i] for i in take)
+            self.position += len(take)
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    # train
+
+    def train_step(self) -> float:
+        """One optimizer step over micro_batch_size x grad_accum examples; returns its mean token loss."""
+        self.model.train()
+        mbs = self.plan.micro_batch_size
+        examples = self._next_examples(mbs * self.plan.grad_accum)
+        micro = [examples[i : i + mbs] for i in range(0, len(examples), mbs)]
+        # Normalise by the labelled tokens of the whole step, so accumulation equals one big batch.
+        n_tokens = max(1, label_tokens(examples))
+        total = 0.0
+        for rows in micro:
+            loss = summed_loss(self.model, collate(rows, self.device), self.dtype)
+            (loss / n_tokens).backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.hp.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total / n_tokens
+
+    def train(self, until_step: int, after_step: Callable[[int, float], bool]) -> list[float]:
+        """Train up to until_step. after_step(step, loss) returns True to stop early (pause,
+        cancel, shutdown): the step in progress always finishes first."""
+        losses = []
+        while self.step < until_step:
+            loss = self.train_step()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss} at step {self.step}; lower the learning rate")
+            losses.append(loss)
+            if after_step(self.step, loss):
+                break
+        return losses
+
+    # checkpoint
+
+    def save_checkpoint(self, dest: Path, recent_losses: list[float]) -> None:
+        """Write adapter, trainer state and cursor into dest (a local staging directory)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(dest / ADAPTER_DIR, safe_serialization=True)
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None,  # bf16/fp32 training needs no gradient scaler
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+        torch.save(state, dest / STATE_FILE)
+        cursor = {"step": self.step, "epoch": self.epoch, "position": self.position, "recent_losses": recent_losses}
+        (dest / CURSOR_FILE).write_text(json.dumps(cursor, indent=1))
+
+    def cleanup(self) -> None:
+        del self.model, self.optimizer, self.scheduler
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def eval_loss(model, rows: list[dict], batch_size: int, device: torch.device) -> tuple[float, int]:
+    """Mean token loss over the labelled tokens of rows, and how many tokens that is."""
+    model.eval()
+    dtype = compute_dtype(device)
+    total, tokens = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        total += summed_loss(model, collate(chunk, device), dtype).item()
+        tokens += label_tokens(chunk)
+    return total / max(1, tokens), tokens
