@@ -124,7 +124,11 @@ class GpuActivities:
                 enc = tokenizer(row["prompt"], return_tensors="pt", add_special_tokens=False).to(device)
                 with torch.no_grad():
                     out = model.generate(
-                        **enc, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                        input_ids=enc["input_ids"],
+                        attention_mask=enc["attention_mask"],
+                        max_new_tokens=48,
+                        do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id,
                     )
                 text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 samples.append(EvalSample(prompt=row["prompt"], reference=row["reference"], generated=text))

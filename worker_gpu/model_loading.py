@@ -29,7 +29,7 @@ def load_base_model(plan: TrainingPlan, device: torch.device):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype(device)
-    kwargs = dict(torch_dtype=dtype, device_map={"": device.index if device.type == "cuda" else "cpu"})
+    kwargs = dict(dtype=dtype, device_map={"": device.index if device.type == "cuda" else "cpu"})
     if plan.spec.method == Method.qlora:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

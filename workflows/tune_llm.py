@@ -193,7 +193,13 @@ class TuneLLM:
             task_queue=self._inp.gpu_task_queue,
             start_to_close_timeout=timedelta(hours=24),
             heartbeat_timeout=timedelta(seconds=60),
-            retry_policy=RETRY,
+            # Enough attempts to outlive worker restarts; a bug that fails every time still ends the run.
+            retry_policy=RetryPolicy(
+                initial_interval=RETRY.initial_interval,
+                maximum_interval=timedelta(seconds=60),
+                maximum_attempts=10,
+                non_retryable_error_types=RETRY.non_retryable_error_types,
+            ),
             cancellation_type=(
                 workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
                 if wait_for_cancel

@@ -1,0 +1,240 @@
+"""Reading JSONL datasets in the three shapes people bring, row by row, with reasons.
+
+Pure Python (the API imports it to validate uploads): no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.datasets import DatasetReport, DatasetShape, RowProblem
+
+ROLES = ("system", "user", "assistant")
+MAX_PROBLEMS = 50
+SHAPES_HELP = (
+    'each line must be a JSON object such as {"messages": [...]}, '
+    '{"instruction": ..., "output": ...} or {"prompt": ..., "completion": ...}'
+)
+SHAPE_FIELDS = {
+    DatasetShape.chat: "messages",
+    DatasetShape.instruction: "instruction/input/output",
+    DatasetShape.completion: "prompt/completion",
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One usable row, normalised: messages for chat and instruction rows, prompt/completion otherwise."""
+
+    line: int
+    shape: DatasetShape
+    messages: tuple[dict[str, str], ...] | None = None
+    prompt: str | None = None
+    completion: str | None = None
+
+
+class RowError(ValueError):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+
+
+class DatasetRefused(Exception):
+    def __init__(self, report: DatasetReport):
+        super().__init__(report.message)
+        self.report = report
+
+
+def _shape_of(row: dict) -> DatasetShape | None:
+    if "messages" in row:
+        return DatasetShape.chat
+    if "instruction" in row:
+        return DatasetShape.instruction
+    if "prompt" in row or "completion" in row:
+        return DatasetShape.completion
+    return None
+
+
+def _text(row: dict, field: str, required: bool = True, allow_empty: bool = False) -> str:
+    if field not in row or row[field] is None:
+        if required:
+            raise RowError("missing_field", f"field {field!r} is missing")
+        return ""
+    value = row[field]
+    if not isinstance(value, str):
+        raise RowError("missing_field", f"field {field!r} must be a string, not {type(value).__name__}")
+    if required and not allow_empty and not value.strip():
+        raise RowError("empty_value", f"field {field!r} is empty")
+    return value
+
+
+def _chat(row: dict, line: int) -> Example:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RowError("missing_field", "'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RowError("not_object", f"messages[{i}] must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ROLES:
+            hint = " (tool calls are not supported yet)" if role == "tool" else ""
+            raise RowError("wrong_role", f"messages[{i}].role is {role!r}; use one of {', '.join(ROLES)}{hint}")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise RowError("missing_field", f"messages[{i}].content must be a string")
+        if not content.strip():
+            raise RowError("empty_value", f"messages[{i}].content is empty")
+        if role == "system" and i != 0:
+            raise RowError("bad_order", f"messages[{i}] is a system message; only the first message may be one")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise RowError("bad_order", "no assistant message: there is nothing to learn from this row")
+    if out[-1]["role"] != "assistant":
+        raise RowError("bad_order", f"the last message is from the {out[-1]['role']}; end with the assistant's answer")
+    return Example(line=line, shape=DatasetShape.chat, messages=tuple(out))
+
+
+def _instruction(row: dict, line: int) -> Example:
+    instruction = _text(row, "instruction")
+    extra = _text(row, "input", required=False)
+    output = _text(row, "output")
+    system = _text(row, "system", required=False)
+    user = instruction + (f"\n\n{extra}" if extra.strip() else "")
+    messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": output},
+    ]
+    return Example(line=line, shape=DatasetShape.instruction, messages=tuple(messages))
+
+
+def _completion(row: dict, line: int) -> Example:
+    prompt = _text(row, "prompt", allow_empty=True)
+    completion = _text(row, "completion")
+    return Example(line=line, shape=DatasetShape.completion, prompt=prompt, completion=completion)
+
+
+PARSERS = {DatasetShape.chat: _chat, DatasetShape.instruction: _instruction, DatasetShape.completion: _completion}
+
+
+def _decode(raw: bytes, line: int) -> str:
+    if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RowError(
+            "not_utf8",
+            f"not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8",
+        ) from None
+
+
+def read_dataset(
+    path: Path, *, max_bad_row_fraction: float = 0.5, source_name: str | None = None
+) -> tuple[list[Example], DatasetReport]:
+    """Parse and validate every row. Bad rows are skipped and reported with line and reason;
+    the report says `refused` when the dataset is empty or mostly bad."""
+    data = Path(path).read_bytes()
+    source = source_name or Path(path).name
+    problems: list[RowProblem] = []
+    parsed: list[tuple[int, dict, DatasetShape]] = []
+    total = 0
+    for line, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        total += 1
+        try:
+            text = _decode(raw.rstrip(b"\r"), line)
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise RowError("invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno}); {SHAPES_HELP}") from None
+            if not isinstance(row, dict):
+                raise RowError("not_object", f"a JSON {type(row).__name__} is not a row; {SHAPES_HELP}")
+            shape = _shape_of(row)
+            if shape is None:
+                fields = ", ".join(sorted(row)) or "no fields"
+                raise RowError("wrong_shape", f"has {fields}, which is none of the accepted shapes; {SHAPES_HELP}")
+            parsed.append((line, row, shape))
+        except RowError as err:
+            problems.append(RowProblem(line=line, kind=err.kind, reason=f"line {line}: {err}"))
+
+    shape = Counter(s for _, _, s in parsed).most_common(1)[0][0] if parsed else None
+    examples: list[Example] = []
+    for line, row, row_shape in parsed:
+        try:
+            if row_shape != shape:
+                raise RowError(
+                    "wrong_shape",
+                    f"this is a {row_shape.value} row ({SHAPE_FIELDS[row_shape]}) but the dataset is "
+                    f"{shape.value} ({SHAPE_FIELDS[shape]}); use one shape per file",
+                )
+            examples.append(PARSERS[shape](row, line))
+        except RowError as err:
+            problems.append(RowProblem(line=line, kind=err.kind, reason=f"line {line}: {err}"))
+    problems.sort(key=lambda p: p.line)
+
+    bad = len(problems)
+    fraction = bad / total if total else 0.0
+    counts = dict(Counter(p.kind for p in problems))
+    first = "; ".join(p.reason for p in problems[:3])
+    if total == 0:
+        refused, message = True, f"dataset is empty: {source} has no rows. {SHAPES_HELP[0].upper()}{SHAPES_HELP[1:]}"
+    elif not examples:
+        refused, message = True, f"no usable rows in {source}: all {total} rows are bad. First problems: {first}"
+    elif fraction > max_bad_row_fraction:
+        refused = True
+        message = (
+            f"{source} is mostly bad: {bad} of {total} rows ({fraction:.0%}) cannot be used, more than the "
+            f"allowed {max_bad_row_fraction:.0%}. First problems: {first}. Fix those rows, or raise max_bad_row_fraction"
+        )
+    elif bad:
+        refused = False
+        message = f"{len(examples)} valid {shape.value} rows; skipped {bad} of {total} rows (see problems). First: {first}"
+    else:
+        refused, message = False, f"{len(examples)} valid {shape.value} rows"
+    report = DatasetReport(
+        source=source,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        shape=shape,
+        total_rows=total,
+        valid_rows=len(examples),
+        bad_rows=bad,
+        bad_row_fraction=round(fraction, 4),
+        problems=problems[:MAX_PROBLEMS],
+        problem_counts=counts,
+        refused=refused,
+        message=message,
+    )
+    return examples, report
+
+
+def read_dataset_or_raise(
+    path: Path, *, max_bad_row_fraction: float = 0.5, source_name: str | None = None
+) -> tuple[list[Example], DatasetReport]:
+    examples, report = read_dataset(path, max_bad_row_fraction=max_bad_row_fraction, source_name=source_name)
+    if report.refused:
+        raise DatasetRefused(report)
+    return examples, report
+
+
+def split_sizes(n: int, eval_fraction: float) -> tuple[int, int]:
+    """(train, eval) row counts: at least one of each when n >= 2."""
+    if n < 2:
+        return n, 0
+    n_eval = min(n - 1, max(1, round(n * eval_fraction)))
+    return n - n_eval, n_eval
+
+
+def deterministic_split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train and eval row indices; the same (n, fraction, seed) always gives the same split."""
+    _, n_eval = split_sizes(n, eval_fraction)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[n_eval:]), sorted(order[:n_eval])

@@ -1,0 +1,1 @@
+"""The HTTP API: validates, records, and starts/queries/cancels workflows. Never trains."""

