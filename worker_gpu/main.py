@@ -34,6 +34,10 @@ def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecuto
         activities=activities.all(),
         activity_executor=executor,
         max_concurrent_activities=1,
+        # Heartbeats reach the server (and bring back cancel requests) every few seconds,
+        # not at the SDK's default throttle of most of the heartbeat timeout.
+        max_heartbeat_throttle_interval=timedelta(seconds=settings.heartbeat_every_s),
+        default_heartbeat_throttle_interval=timedelta(seconds=settings.heartbeat_every_s),
         # Long enough for a chunk to finish its step and commit a checkpoint.
         graceful_shutdown_timeout=timedelta(seconds=120),
     )

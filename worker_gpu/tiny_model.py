@@ -44,7 +44,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOT, pad_token=PAD, additional_special_tokens=[BOT]
+        tokenizer_object=tok,
+        eos_token=EOT,
+        pad_token=PAD,
+        additional_special_tokens=[BOT],
+        # Like Llama/Qwen2 tokenizers: no token_type_ids, which these models reject.
+        model_input_names=["input_ids", "attention_mask"],
     )
     fast.chat_template = CHATML
     return fast

@@ -109,6 +109,9 @@ class TuneLLM:
                 ChunkResult,
                 wait_for_cancel=True,
             )
+            if workflow.cancellation_reason() is not None:
+                # The chunk finished before it heard of the cancel: its checkpoint is committed.
+                raise asyncio.CancelledError()
             if chunk.step <= step:
                 raise ApplicationError(f"train_chunk made no progress past step {step}", non_retryable=True)
             step = chunk.step

@@ -58,3 +58,102 @@ async def test_lora_run_learns_and_publishes_a_loadable_adapter(stack, tiny_mode
         RunState.queued, RunState.preflight, RunState.preparing_data, RunState.baseline_eval,
         RunState.training, RunState.evaluating, RunState.publishing, RunState.succeeded,
     )]
+
+
+async def test_qlora_run_trains_on_a_4bit_base(stack, tiny_model, datasets):
+    spec = small_spec(tiny_model, datasets["instruction"], method="qlora", hyperparameters={"max_steps": 12})
+    run, _ = await run_to_end(stack, spec)
+    assert run.state == RunState.succeeded.value, run.error
+    assert run.tuned_eval_loss < run.baseline_eval_loss
+    manifest = json.loads((Path(run.adapter_path) / "lockn-manifest.json").read_text())
+    assert manifest["method"] == "qlora"
+
+
+def test_qlora_loads_the_base_in_nf4(tiny_model):
+    """The QLoRA path really quantizes: linear layers are bitsandbytes 4-bit."""
+    import bitsandbytes as bnb
+
+    from schemas.activities import TrainingPlan
+    from worker_gpu.model_loading import load_base_model, pick_device
+
+    spec = small_spec(tiny_model, "unused.jsonl", method="qlora")
+    plan = TrainingPlan.model_construct(spec=spec, base_model_path=str(tiny_model))
+    model = load_base_model(plan, pick_device())
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit)
+    assert q_proj.weight.quant_state.quant_type == "nf4"
+
+
+@pytest.mark.parametrize("shape", ["chat", "completion"])
+async def test_each_dataset_shape_trains(stack, tiny_model, datasets, shape):
+    spec = small_spec(tiny_model, datasets[shape], hyperparameters={"max_steps": 12})
+    run, _ = await run_to_end(stack, spec)
+    assert run.state == RunState.succeeded.value, run.error
+    assert run.dataset_snapshot["shape"] == shape
+    assert run.tuned_eval_loss < run.baseline_eval_loss
+
+
+BAD_DATASETS = {
+    "malformed_json": (b'{"instruction": "a", "output": "b"\n{"instruction": "c" "output": "d"}\nnot json\n', "line 2: not valid JSON"),
+    "missing_fields": (b'{"instruction": "a"}\n{"instruction": "b"}\n{"instruction": "c", "output": "d"}\n', "field 'output' is missing"),
+    "empty_file": (b"", "dataset is empty"),
+    "wrong_roles": (
+        b'{"messages": [{"role": "human", "content": "hi"}, {"role": "bot", "content": "yo"}]}\n'
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}\n',
+        "messages[1].role is 'bot'; use one of system, user, assistant",
+    ),
+    "not_utf8": ('{"instruction": "café", "output": "thé"}\n'.encode("latin-1") * 3, "not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DATASETS))
+async def test_bad_dataset_is_refused_before_training(stack, tiny_model, tmp_path, name):
+    content, expected = BAD_DATASETS[name]
+    path = tmp_path / f"{name}.jsonl"
+    path.write_bytes(content)
+    run, handle = await run_to_end(stack, small_spec(tiny_model, path))
+    assert run.state == RunState.failed.value
+    assert expected in run.error
+    states = [e.state for e in stack.db.events(run.id) if e.kind == "state"]
+    assert RunState.training.value not in states and RunState.baseline_eval.value not in states
+    assert (await handle.describe()).status.name == "FAILED"
+
+
+async def test_missing_base_model_fails_with_what_to_do(stack, tmp_path, datasets):
+    run, _ = await run_to_end(stack, small_spec(tmp_path / "no-such-model", datasets["instruction"]))
+    assert run.state == RunState.failed.value
+    assert "does not exist on the worker" in run.error
+
+
+async def test_unknown_target_module_names_the_real_ones(stack, tiny_model, datasets):
+    spec = small_spec(tiny_model, datasets["instruction"], hyperparameters={"target_modules": ["c_attn"]})
+    run, _ = await run_to_end(stack, spec)
+    assert run.state == RunState.failed.value
+    assert "c_attn" in run.error and "q_proj" in run.error
+
+
+async def test_cancel_mid_training_checkpoints_and_ends_cancelled(stack, tiny_model, datasets):
+    import asyncio
+
+    from store.checkpoints import committed_steps
+
+    spec = small_spec(tiny_model, datasets["instruction"], hyperparameters={"max_steps": 2000}, checkpoint_every_steps=1000)
+    run_id = new_id("run")
+    stack.db.create_run(run_id, spec)
+    handle = await start_run_workflow(stack.client, stack.settings, run_id, spec)
+    for _ in range(600):
+        row = stack.db.get_run(run_id)
+        if row.state == RunState.training.value and row.step >= 3:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail(f"run never reached training: {row.state} {row.error}")
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    row = stack.db.get_run(run_id)
+    assert row.state == RunState.cancelled.value
+    steps = committed_steps(stack.store, run_id)
+    # The chunk stopped early (well before its 1000 steps) and committed a checkpoint first.
+    assert steps and 3 <= steps[0] < 1000
+    assert (await handle.describe()).status.name == "CANCELED"
