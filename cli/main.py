@@ -30,7 +30,7 @@ runs_app = typer.Typer(help="List, inspect and cancel runs.", no_args_is_help=Tr
 models_app = typer.Typer(help="Local models.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(models_app, name="models")
-console = Console()
+console = Console(soft_wrap=True)
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 ApiOpt = Annotated[Optional[str], typer.Option("--api", help="API address; default from LOCKN_TUNE_API_HOST/PORT.")]
@@ -118,6 +118,13 @@ def print_summary(run: dict, settings: Settings | None = None) -> None:
         console.print(f"  adapter:  {run.get('adapter_path') or run.get('adapter_uri')}")
     if run.get("manifest_uri"):
         console.print(f"  manifest: {run['manifest_uri']}")
+    for artifact in run.get("artifacts", []):
+        m = artifact["manifest"]
+        console.print(
+            f"  lineage:  dataset sha256 {m['dataset']['sha256'][:12]}, spec sha256 {m['spec_sha256'][:12]}, "
+            f"base {m['base_model']['id']} @ {m['base_model']['revision'][:12]}, seed {m['seed']}, "
+            f"torch {m['packages']['torch']}, peft {m['packages']['peft']}, {m['code_version']}"
+        )
     console.print(f"  Temporal UI: {run['temporal_ui_url']}")
 
 
@@ -269,6 +276,17 @@ def demo_spec(model_dir: Path, dataset: Path) -> RunSpec:
     )
 
 
+def verify_adapter(run: dict, spec: RunSpec) -> None:
+    """Load the published adapter onto its base model the way a user would."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(spec.base_model, local_files_only=True)
+    model = PeftModel.from_pretrained(base, run["adapter_path"])
+    tensors = sum(1 for name, _ in model.named_parameters() if "lora_" in name)
+    console.print(f"  adapter loads with PeftModel.from_pretrained onto {spec.base_model} ({tensors} LoRA tensors)")
+
+
 def prepare_demo(home: Path) -> tuple[Path, Path]:
     """The tiny model and dataset the demo tunes, made once under home/demo."""
     from cli.demo_data import demo_texts, write_demo_dataset
@@ -316,6 +334,8 @@ def demo(
         console.print(f"run [bold]{run['id']}[/bold] submitted")
         run = follow(client, run["id"])
         print_summary(run)
+        if run["state"] == "succeeded":
+            verify_adapter(run, spec)
         for sample in (run.get("metrics") or {}).get("tuned", {}).get("samples", [])[:2]:
             console.print(f"  sample: {sample['prompt'][-60:]!r} -> {sample['generated'][:60]!r} (reference {sample['reference'][:40]!r})")
         code = 0 if run["state"] == "succeeded" else 1

@@ -26,3 +26,8 @@ def configure_logging(process: str, json_logs: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(level),
     )
     structlog.contextvars.bind_contextvars(process=process)
+    # Per-request client logs drown out what matters.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes looks for an optional hub kernel package on CPU; it works without it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
