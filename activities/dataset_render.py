@@ -1,7 +1,10 @@
 """Rendering rows into tokens with a loss mask: the model learns only the answers.
 
 Chat and instruction rows go through the model's chat template when it has one; the
-assistant spans are found by rendering each prefix, so any prefix-stable template works.
+assistant spans are found by rendering each prefix of the conversation. Templates that
+render history differently from the latest turn (some drop reasoning from earlier turns)
+fall back to locating the answer's own text. Without a template a plain "### User:" /
+"### Assistant:" format is used. Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ IGNORE = -100
 
 @dataclass
 class RenderedExample:
+    """Token ids and labels of one example; labels are IGNORE (-100) where no loss is taken."""
+
     input_ids: list[int]
     labels: list[int]
     truncated: bool
@@ -35,13 +40,29 @@ def _text_and_spans(example: Example, tokenizer) -> tuple[str, list[tuple[int, i
     messages = list(example.messages)
     spans = []
     if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        cursor = 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-            end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+            head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            if full.startswith(upto) and upto.startswith(head):
+                # The end-of-turn marker is learned (so the model stops); the whitespace after it is not.
+                start, end = len(head), len(upto.rstrip())
+            else:
+                # History renders differently from the last turn: find the answer text itself,
+                # plus the end-of-turn marker that follows it in this turn's own render.
+                start = full.find(m["content"], cursor)
+                if start < 0:
+                    continue  # the template rewrote this answer: no loss beats loss on the wrong tokens
+                end = start + len(m["content"])
+                marker = upto[upto.rfind(m["content"]) + len(m["content"]) :].strip()
+                if marker and full.startswith(marker, end):
+                    end += len(marker)
             spans.append((start, end))
-        return tokenizer.apply_chat_template(messages, tokenize=False), spans
+            cursor = end
+        return full, spans
     text = ""
     for m in messages:
         if m["role"] == "assistant":
@@ -56,9 +77,17 @@ def _text_and_spans(example: Example, tokenizer) -> tuple[str, list[tuple[int, i
 
 
 def render_example(example: Example, tokenizer, max_seq_len: int) -> RenderedExample:
-    """Token ids and labels (IGNORE outside answers), truncated to max_seq_len from the end."""
+    """Token ids and labels for one example, truncated to max_seq_len tokens (the start is kept).
+
+    Loss is taken on assistant answers with their end-of-turn marker (chat, instruction) or on
+    the completion and eos (completion); everything else is IGNORE. A token carries loss when
+    its first character lies inside an answer, which needs a fast tokenizer's offsets.
+    """
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("a fast tokenizer (tokenizer.json) is needed to align answers with tokens")
+        raise ValueError(
+            f"{type(tokenizer).__name__} is a slow tokenizer; a fast one (the model's tokenizer.json) is needed "
+            "to find which tokens are answers. Add tokenizer.json to the model folder or pick a model that has one"
+        )
     text, spans = _text_and_spans(example, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
@@ -76,7 +105,12 @@ def render_example(example: Example, tokenizer, max_seq_len: int) -> RenderedExa
 
 
 def prompt_and_reference(example: Example, tokenizer) -> tuple[str, str]:
-    """What to prompt the model with for a sample generation, and the reference answer."""
+    """The text to prompt a model with for a sample generation, and the reference answer.
+
+    Chat and instruction rows: every message before the last assistant one, rendered with
+    the generation prompt (the chat template, or the plain fallback format); completion rows:
+    the prompt as is.
+    """
     if example.shape == DatasetShape.completion:
         return example.prompt, example.completion
     messages = list(example.messages)

@@ -39,15 +39,25 @@ class Example:
 
 
 class RowError(ValueError):
+    """One bad row: `kind` is the problem class, the message says what to do."""
+
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
         self.kind = kind
 
 
 class DatasetRefused(Exception):
+    """The dataset cannot be used as it is; `.report` says why and what to do."""
+
     def __init__(self, report: DatasetReport):
         super().__init__(report.message)
         self.report = report
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for messages people read."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _shape_of(row: dict) -> DatasetShape | None:
@@ -61,13 +71,13 @@ def _shape_of(row: dict) -> DatasetShape | None:
 
 
 def _text(row: dict, field: str, required: bool = True, allow_empty: bool = False) -> str:
-    if field not in row or row[field] is None:
+    if row.get(field) is None:
         if required:
             raise RowError("missing_field", f"field {field!r} is missing")
         return ""
     value = row[field]
     if not isinstance(value, str):
-        raise RowError("missing_field", f"field {field!r} must be a string, not {type(value).__name__}")
+        raise RowError("wrong_type", f"field {field!r} must be a string, not {_json_type(value)}")
     if required and not allow_empty and not value.strip():
         raise RowError("empty_value", f"field {field!r} is empty")
     return value
@@ -76,18 +86,20 @@ def _text(row: dict, field: str, required: bool = True, allow_empty: bool = Fals
 def _chat(row: dict, line: int) -> Example:
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:
-        raise RowError("missing_field", "'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+        raise RowError("missing_field", 'messages must be a non-empty list of {"role": ..., "content": ...} objects')
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise RowError("not_object", f"messages[{i}] must be an object with 'role' and 'content'")
+            raise RowError("not_object", f"messages[{i}] is {_json_type(m)}; each message must be an object with role and content")
         role = m.get("role")
         if role not in ROLES:
-            hint = " (tool calls are not supported yet)" if role == "tool" else ""
+            hint = " (tool messages are not supported yet; leave them out)" if role == "tool" else ""
             raise RowError("wrong_role", f"messages[{i}].role is {role!r}; use one of {', '.join(ROLES)}{hint}")
         content = m.get("content")
+        if content is None:
+            raise RowError("missing_field", f"messages[{i}].content is missing; give each message its text")
         if not isinstance(content, str):
-            raise RowError("missing_field", f"messages[{i}].content must be a string")
+            raise RowError("wrong_type", f"messages[{i}].content must be a string, not {_json_type(content)}")
         if not content.strip():
             raise RowError("empty_value", f"messages[{i}].content is empty")
         if role == "system" and i != 0:
@@ -122,9 +134,10 @@ def _completion(row: dict, line: int) -> Example:
 PARSERS = {DatasetShape.chat: _chat, DatasetShape.instruction: _instruction, DatasetShape.completion: _completion}
 
 
-def _decode(raw: bytes, line: int) -> str:
-    if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
+def _decode(raw: bytes) -> str:
+    # NUL bytes are valid UTF-8 but never valid JSONL: they mean UTF-16 (every ASCII char gets a zero byte).
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+        raise RowError("not_utf8", "not UTF-8 text (it looks like UTF-16); save the file as UTF-8")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -134,36 +147,52 @@ def _decode(raw: bytes, line: int) -> str:
         ) from None
 
 
+def _parse_line(raw: bytes) -> tuple[dict, DatasetShape]:
+    """One line as a JSON object with a known shape, or a RowError saying why not."""
+    text = _decode(raw.rstrip(b"\r"))  # Windows line endings
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RowError("invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno}); {SHAPES_HELP}") from None
+    if not isinstance(row, dict):
+        raise RowError("not_object", f"this line is {_json_type(row)}, not an object; {SHAPES_HELP}")
+    shape = _shape_of(row)
+    if shape is None:
+        found = ", ".join(sorted(row)) or "none"
+        raise RowError(
+            "wrong_shape",
+            f"no messages, instruction or prompt/completion field (found: {found}); the accepted shapes are "
+            "chat (messages), instruction (instruction, output, optional input and system) "
+            "and completion (prompt, completion)",
+        )
+    return row, shape
+
+
 def read_dataset(
     path: Path, *, max_bad_row_fraction: float = 0.5, source_name: str | None = None
 ) -> tuple[list[Example], DatasetReport]:
-    """Parse and validate every row. Bad rows are skipped and reported with line and reason;
-    the report says `refused` when the dataset is empty or mostly bad."""
+    """Parse and validate every row of a JSONL file.
+
+    Bad rows are skipped and reported with their line and a reason; the report says
+    `refused` (and why) when the file has no rows, no valid row, or more than
+    `max_bad_row_fraction` bad rows. `source_name` is the name reports use (default: the file name).
+    """
     data = Path(path).read_bytes()
     source = source_name or Path(path).name
+    body = data.removeprefix(b"\xef\xbb\xbf")  # editors on Windows add a UTF-8 BOM; it is harmless
     problems: list[RowProblem] = []
     parsed: list[tuple[int, dict, DatasetShape]] = []
     total = 0
-    for line, raw in enumerate(data.split(b"\n"), start=1):
+    for line, raw in enumerate(body.split(b"\n"), start=1):
         if not raw.strip():
             continue
         total += 1
         try:
-            text = _decode(raw.rstrip(b"\r"), line)
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise RowError("invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno}); {SHAPES_HELP}") from None
-            if not isinstance(row, dict):
-                raise RowError("not_object", f"a JSON {type(row).__name__} is not a row; {SHAPES_HELP}")
-            shape = _shape_of(row)
-            if shape is None:
-                fields = ", ".join(sorted(row)) or "no fields"
-                raise RowError("wrong_shape", f"has {fields}, which is none of the accepted shapes; {SHAPES_HELP}")
-            parsed.append((line, row, shape))
+            parsed.append((line, *_parse_line(raw)))
         except RowError as err:
             problems.append(RowProblem(line=line, kind=err.kind, reason=f"line {line}: {err}"))
 
+    # The majority decides the shape; ties go to the shape seen first.
     shape = Counter(s for _, _, s in parsed).most_common(1)[0][0] if parsed else None
     examples: list[Example] = []
     for line, row, row_shape in parsed:
@@ -171,7 +200,7 @@ def read_dataset(
             if row_shape != shape:
                 raise RowError(
                     "wrong_shape",
-                    f"this is a {row_shape.value} row ({SHAPE_FIELDS[row_shape]}) but the dataset is "
+                    f"this row is a {row_shape.value} row ({SHAPE_FIELDS[row_shape]}) but the dataset is "
                     f"{shape.value} ({SHAPE_FIELDS[shape]}); use one shape per file",
                 )
             examples.append(PARSERS[shape](row, line))
@@ -183,19 +212,21 @@ def read_dataset(
     fraction = bad / total if total else 0.0
     counts = dict(Counter(p.kind for p in problems))
     first = "; ".join(p.reason for p in problems[:3])
+    by_kind = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     if total == 0:
         refused, message = True, f"dataset is empty: {source} has no rows. {SHAPES_HELP[0].upper()}{SHAPES_HELP[1:]}"
     elif not examples:
-        refused, message = True, f"no usable rows in {source}: all {total} rows are bad. First problems: {first}"
+        refused, message = True, f"no usable rows in {source}: all {total} rows are bad ({by_kind}). First problems: {first}"
     elif fraction > max_bad_row_fraction:
         refused = True
         message = (
-            f"{source} is mostly bad: {bad} of {total} rows ({fraction:.0%}) cannot be used, more than the "
-            f"allowed {max_bad_row_fraction:.0%}. First problems: {first}. Fix those rows, or raise max_bad_row_fraction"
+            f"{source} is mostly bad: {bad} of {total} rows ({fraction:.0%}; {by_kind}) cannot be used, more than "
+            f"the allowed {max_bad_row_fraction:.0%}. First problems: {first}. "
+            "Fix those rows, or raise max_bad_row_fraction"
         )
     elif bad:
         refused = False
-        message = f"{len(examples)} valid {shape.value} rows; skipped {bad} of {total} rows (see problems). First: {first}"
+        message = f"{len(examples)} valid {shape.value} rows; skipped {bad} of {total} rows; see problems. First: {first}"
     else:
         refused, message = False, f"{len(examples)} valid {shape.value} rows"
     report = DatasetReport(
@@ -218,6 +249,7 @@ def read_dataset(
 def read_dataset_or_raise(
     path: Path, *, max_bad_row_fraction: float = 0.5, source_name: str | None = None
 ) -> tuple[list[Example], DatasetReport]:
+    """Like read_dataset, but raises DatasetRefused (carrying the report) when the dataset is refused."""
     examples, report = read_dataset(path, max_bad_row_fraction=max_bad_row_fraction, source_name=source_name)
     if report.refused:
         raise DatasetRefused(report)
@@ -225,7 +257,10 @@ def read_dataset_or_raise(
 
 
 def split_sizes(n: int, eval_fraction: float) -> tuple[int, int]:
-    """(train, eval) row counts: at least one of each when n >= 2."""
+    """(train, eval) row counts: eval is max(1, round(n * eval_fraction)), keeping at least one train row.
+
+    With fewer than two rows there is nothing to hold out: (n, 0).
+    """
     if n < 2:
         return n, 0
     n_eval = min(n - 1, max(1, round(n * eval_fraction)))
@@ -233,7 +268,11 @@ def split_sizes(n: int, eval_fraction: float) -> tuple[int, int]:
 
 
 def deterministic_split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Train and eval row indices; the same (n, fraction, seed) always gives the same split."""
+    """Train and eval row indices (each sorted), sized as split_sizes says.
+
+    The same (n, eval_fraction, seed) always gives the same split: it comes from a
+    permutation drawn by random.Random(seed), never from the global RNG or row order.
+    """
     _, n_eval = split_sizes(n, eval_fraction)
     order = list(range(n))
     random.Random(seed).shuffle(order)

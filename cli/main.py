@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -30,7 +31,8 @@ runs_app = typer.Typer(help="List, inspect and cancel runs.", no_args_is_help=Tr
 models_app = typer.Typer(help="Local models.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(models_app, name="models")
-console = Console(soft_wrap=True)
+# Piped output (scripts, logs) gets full lines rather than 80-column wrapping.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 ApiOpt = Annotated[Optional[str], typer.Option("--api", help="API address; default from LOCKN_TUNE_API_HOST/PORT.")]
@@ -70,6 +72,10 @@ def load_spec(path: Path) -> RunSpec:
 def submit(client: ApiClient, spec: RunSpec) -> dict:
     """Upload a local dataset file first, so the run works from an immutable copy."""
     body = spec.model_dump(mode="json")
+    # Workers do not share our working directory: send local model paths absolute.
+    model_dir = Path(spec.base_model).expanduser()
+    if model_dir.is_dir():
+        body["base_model"] = str(model_dir.resolve())
     path = Path(spec.dataset).expanduser()
     if not spec.dataset.startswith("ds_") and path.is_file():
         ds = client.upload_dataset(path, spec.project)

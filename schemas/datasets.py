@@ -1,4 +1,7 @@
-"""Dataset validation reports, shared by the API (upload) and the workers (preflight, snapshot)."""
+"""Dataset validation reports, shared by the API (upload) and the workers (preflight, snapshot).
+
+Light on purpose: pydantic and the standard library only.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +11,40 @@ from pydantic import BaseModel, Field
 
 
 class DatasetShape(str, Enum):
+    """The three JSONL row shapes a dataset may use (one shape per file)."""
+
     chat = "chat"  # {"messages": [{"role": ..., "content": ...}, ...]}
-    instruction = "instruction"  # {"instruction": ..., "input": ..., "output": ...}
+    instruction = "instruction"  # {"instruction": ..., "input": ..., "output": ..., "system": ...}
     completion = "completion"  # {"prompt": ..., "completion": ...}
 
 
 class RowProblem(BaseModel):
-    line: int = Field(description="1-based line number in the file.")
-    kind: str = Field(description="invalid_json, not_utf8, not_object, missing_field, empty_value, wrong_role, bad_order, wrong_shape")
-    reason: str = Field(description="What is wrong and what to do, starting with the line number.")
+    """One bad row: where it is, and what to do about it."""
+
+    line: int = Field(description="1-based line number in the file (blank lines count).")
+    kind: str = Field(
+        description=(
+            "Kind of problem: invalid_json, not_utf8, not_object, wrong_shape, missing_field, wrong_type, "
+            "empty_value, wrong_role or bad_order."
+        )
+    )
+    reason: str = Field(description="What is wrong and what to do, as a sentence starting with 'line N:'.")
 
 
 class DatasetReport(BaseModel):
-    source: str = Field(description="The file name the report is about.")
-    sha256: str = Field(description="sha256 of the file's raw bytes.")
-    size_bytes: int = Field(description="Size of the file.")
-    shape: DatasetShape | None = Field(None, description="The shape of most rows; None when no row is usable.")
-    total_rows: int = Field(description="Non-blank lines.")
-    valid_rows: int = Field(description="Rows that will be used.")
-    bad_rows: int = Field(description="Rows skipped, each listed in problems (up to the first 50).")
-    bad_row_fraction: float = Field(description="bad_rows / total_rows.")
-    problems: list[RowProblem] = Field(default_factory=list, description="The first 50 bad rows, with reasons.")
-    problem_counts: dict[str, int] = Field(default_factory=dict, description="Bad rows by kind of problem.")
-    refused: bool = Field(description="True when the dataset cannot be used as it is.")
-    message: str = Field(description="One summary a person can act on.")
+    """What reading a dataset found: counts, shape, the first problems, and whether it is refused."""
+
+    source: str = Field(description="The file name (or path) the report is about.")
+    sha256: str = Field(description="sha256 of the file's raw bytes, as uploaded.")
+    size_bytes: int = Field(description="Size of the file in bytes.")
+    shape: DatasetShape | None = Field(None, description="The shape of most rows; None when no row has a known shape.")
+    total_rows: int = Field(description="Non-blank lines in the file.")
+    valid_rows: int = Field(description="Rows that will be used for training and evaluation.")
+    bad_rows: int = Field(description="Rows that will be skipped; the first 50 are listed in problems.")
+    bad_row_fraction: float = Field(description="bad_rows / total_rows (0 for an empty file).")
+    problems: list[RowProblem] = Field(default_factory=list, description="The first 50 bad rows, in line order.")
+    problem_counts: dict[str, int] = Field(
+        default_factory=dict, description="Number of bad rows per kind of problem, over the whole file."
+    )
+    refused: bool = Field(description="True when the dataset cannot be used as it is; message says why.")
+    message: str = Field(description="One summary a person can act on; when refused, why and what to do.")

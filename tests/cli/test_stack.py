@@ -1,0 +1,128 @@
+"""`lockn-tune up` and the CLI as a user runs them: real processes, real ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from cli.demo_data import write_demo_dataset
+
+BIN = Path(sys.executable).parent / "lockn-tune"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class UpProcess:
+    def __init__(self, home: Path):
+        self.home = home
+        self.api, self.temporal, self.ui = free_port(), free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.api}"
+        self.proc = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(BIN), "up", "--home", str(self.home), "--api-port", str(self.api),
+             "--temporal-port", str(self.temporal), "--ui-port", str(self.ui)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError("lockn-tune up never became healthy")
+
+    def stop(self, timeout: float = 200) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN), *args, "--api", self.url], capture_output=True, text=True, timeout=300)
+
+
+def wait_run(url: str, run_id: str, predicate, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{url}/v1/runs/{run_id}").json()
+        if predicate(run):
+            return run
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_id} stuck in {run['state']}: {run.get('error')}")
+
+
+def test_make_tiny_cli_writes_a_loadable_model(tmp_path):
+    out = tmp_path / "tiny"
+    r = subprocess.run([str(BIN), "models", "make-tiny", str(out), "--arch", "qwen2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "qwen2"
+    assert AutoTokenizer.from_pretrained(out).chat_template
+    bad = subprocess.run([str(BIN), "models", "make-tiny", str(tmp_path / "x"), "--arch", "gpt9"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "unknown arch 'gpt9'" in bad.stdout
+
+
+def test_up_tune_stop_and_restart_continues_the_run(tmp_path, tiny_model):
+    up = UpProcess(tmp_path / "home")
+    up.start()
+    try:
+        assert httpx.get(f"http://127.0.0.1:{up.ui}/", timeout=5).status_code == 200  # Temporal UI
+        data = write_demo_dataset(tmp_path / "data.jsonl", rows=120)
+        spec = {
+            "project": "cli", "name": "cli-run", "base_model": str(tiny_model), "dataset": str(data),
+            "checkpoint_every_steps": 10,
+            "hyperparameters": {"max_steps": 20, "learning_rate": 3e-3, "max_seq_len": 96, "micro_batch_size": 8, "grad_accum": 1},
+        }
+        spec_file = tmp_path / "spec.yaml"
+        spec_file.write_text(yaml.safe_dump(spec))
+        r = up.cli("tune", str(spec_file))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "succeeded" in r.stdout and "tuned eval loss" in r.stdout and "uploaded as ds_" in r.stdout
+        listed = up.cli("runs", "list", "--project", "cli")
+        assert "succeeded" in listed.stdout
+
+        bad_spec = tmp_path / "bad.yaml"
+        bad_spec.write_text(yaml.safe_dump({**spec, "method": "full", "hyperparameters": {"lr": 1}}))
+        r = up.cli("tune", str(bad_spec))
+        assert r.returncode == 1 and "method" in r.stdout and "hyperparameters.lr" in r.stdout
+
+        # A long run, interrupted by stopping the whole stack mid-training.
+        long_spec = tmp_path / "long.yaml"
+        long_spec.write_text(yaml.safe_dump({**spec, "name": "long", "hyperparameters": {**spec["hyperparameters"], "max_steps": 300}, "checkpoint_every_steps": 50}))
+        r = up.cli("tune", str(long_spec), "--no-follow")
+        assert r.returncode == 0, r.stdout + r.stderr
+        run_id = r.stdout.split("run ")[-1].split()[0]
+        wait_run(up.url, run_id, lambda run: run["state"] == "training" and run["step"] >= 60)
+    finally:
+        code = up.stop()
+    assert code == 0
+    out = up.proc.stdout.read()
+    assert "stopping" in out
+
+    up2 = UpProcess(up.home)
+    up2.start()
+    try:
+        done = wait_run(up2.url, run_id, lambda run: run["state"] in ("succeeded", "failed", "cancelled"))
+        assert done["state"] == "succeeded", done.get("error")
+        assert done["step"] == 300
+        events = httpx.get(f"{up2.url}/v1/runs/{run_id}/events", params={"follow": "false"}).text
+        assert "resumed from checkpoint at step" in events
+    finally:
+        assert up2.stop() == 0
