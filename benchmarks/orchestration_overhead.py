@@ -1,0 +1,140 @@
+"""Orchestration overhead: one run through the embedded stack vs the same training as a bare script.
+
+Run: `make bench` or `.venv/bin/python benchmarks/orchestration_overhead.py [--steps 180] [--repeat 2]`
+
+Both sides tune the same tiny model on the same data with the same plan and seed. The bare
+side loads the model, trains every step in one loop, evaluates base and tuned, and saves
+the adapter: no Temporal, no DB, no checkpoints. The stack side is `lockn-tune up` (already
+started, not timed) and one run submitted through the HTTP API, timed from submit to
+succeeded. It also compares the two adapters' sha256: chunked training with checkpoints in
+between should give the same bits as one uninterrupted loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from cli.api_client import ApiClient  # noqa: E402
+from cli.demo_data import demo_texts, write_demo_dataset  # noqa: E402
+from cli.main import demo_spec  # noqa: E402
+from schemas.run_spec import RunSpec  # noqa: E402
+from schemas.settings import Settings  # noqa: E402
+
+
+def bare_run(spec: RunSpec, out: Path) -> tuple[float, dict]:
+    """The same training with the library pieces called directly, in one process."""
+    import torch
+
+    from activities.dataset_render import render_example
+    from activities.dataset_rows import deterministic_split, read_dataset
+    from activities.preflight import build_plan
+    from worker_gpu.model_loading import attach_adapter, load_base_model, load_tokenizer, pick_device
+    from worker_gpu.recipe_lora import LoraRecipe, eval_loss
+
+    started = time.perf_counter()
+    plan = build_plan("bare", spec, db=None, store=None)
+    examples, _ = read_dataset(Path(spec.dataset))
+    tok = load_tokenizer(plan.base_model_path)
+    train_idx, eval_idx = deterministic_split(len(examples), spec.eval_fraction, spec.hyperparameters.seed)
+    rows = lambda idx: [vars(render_example(examples[i], tok, plan.max_seq_len)) for i in idx]  # noqa: E731
+    train, evals = rows(train_idx), rows(eval_idx)
+    device = pick_device()
+    baseline, _ = eval_loss(load_base_model(plan, device), evals, plan.micro_batch_size, device)
+    recipe = LoraRecipe(plan, train, device)
+    recipe.setup(None)
+    recipe.train(plan.total_steps, lambda step, loss: False)
+    recipe.model.save_pretrained(out)
+    recipe.cleanup()
+    tuned_model = attach_adapter(load_base_model(plan, device), plan, out, trainable=False)
+    tuned, _ = eval_loss(tuned_model, evals, plan.micro_batch_size, device)
+    elapsed = time.perf_counter() - started
+    del torch
+    return elapsed, {"baseline": baseline, "tuned": tuned, "adapter_sha256": sha256(out / "adapter_model.safetensors")}
+
+
+def stack_run(client: ApiClient, spec: RunSpec) -> tuple[float, dict]:
+    started = time.perf_counter()
+    body = spec.model_dump(mode="json")
+    run = client.create_run(body)
+    while run["state"] not in ("succeeded", "failed", "cancelled"):
+        time.sleep(0.1)
+        run = client.get_run(run["id"])
+    elapsed = time.perf_counter() - started
+    if run["state"] != "succeeded":
+        raise SystemExit(f"stack run {run['id']} ended {run['state']}: {run['error']}")
+    adapter = Path(run["adapter_path"]) / "adapter_model.safetensors"
+    return elapsed, {"baseline": run["baseline_eval_loss"], "tuned": run["tuned_eval_loss"], "adapter_sha256": sha256(adapter)}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=None, help="max_steps (default: the demo's 4 epochs = 180 steps)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per side; the median is reported")
+    args = parser.parse_args()
+
+    from cli.stack import Stack, port_in_use
+    from worker_gpu.tiny_model import make_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="lockn-bench-") as tmp:
+        tmp = Path(tmp)
+        model = make_tiny_model(tmp / "tiny-llama", demo_texts())
+        data = write_demo_dataset(tmp / "data.jsonl")
+        spec = demo_spec(model, data)
+        if args.steps:
+            spec.hyperparameters.max_steps = args.steps
+        ports = [p for p in range(18400, 18500) if not port_in_use("127.0.0.1", p)][:3]
+        settings = Settings(
+            home=tmp / "home", api_port=ports[0], temporal_address=f"127.0.0.1:{ports[1]}", temporal_ui_port=ports[2]
+        )
+        stack = Stack(settings)
+        t0 = time.perf_counter()
+        stack.start()
+        client = ApiClient(settings.api_url)
+        client.wait_healthy(120)
+        startup = time.perf_counter() - t0
+        ds = client.upload_dataset(data, spec.project)
+        stack_spec = spec.model_copy(update={"dataset": ds["id"]})
+        try:
+            # Warm-up (not timed): the bare side pays its imports once, as the workers already have.
+            bare_run(spec, tmp / "bare-warmup")
+            stack_times, bare_times = [], []
+            for i in range(args.repeat):
+                s, s_res = stack_run(client, stack_spec)
+                b, b_res = bare_run(spec, tmp / f"bare-{i}")
+                stack_times.append(s)
+                bare_times.append(b)
+                print(f"round {i + 1}: stack {s:.2f}s  bare {b:.2f}s", flush=True)
+        finally:
+            stack.stop()
+    stack_med, bare_med = statistics.median(stack_times), statistics.median(bare_times)
+    report = {
+        "steps": spec.hyperparameters.max_steps or "4 epochs",
+        "stack_startup_s": round(startup, 2),
+        "stack_run_s": round(stack_med, 2),
+        "bare_run_s": round(bare_med, 2),
+        "ratio": round(stack_med / bare_med, 3),
+        "overhead_s": round(stack_med - bare_med, 2),
+        "stack_losses": [round(s_res["baseline"], 4), round(s_res["tuned"], 4)],
+        "bare_losses": [round(b_res["baseline"], 4), round(b_res["tuned"], 4)],
+        "same_adapter_bits": s_res["adapter_sha256"] == b_res["adapter_sha256"],
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
