@@ -85,8 +85,8 @@ def render_example(example: Example, tokenizer, max_seq_len: int) -> RenderedExa
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
-            f"{type(tokenizer).__name__} is a slow tokenizer; a fast one (the model's tokenizer.json) is needed "
-            "to find which tokens are answers. Add tokenizer.json to the model folder or pick a model that has one"
+            f"{type(tokenizer).__name__} is a slow tokenizer; a fast tokenizer (the model's tokenizer.json) is "
+            "needed to find which tokens are answers. Add tokenizer.json to the model folder or pick a model that has one"
         )
     text, spans = _text_and_spans(example, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -158,8 +158,22 @@ def test_module_imports_no_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_template_that_rewrites_history_is_refused():
-    # Renders only the last message: earlier turns are not a prefix of the whole conversation.
+def test_template_that_rewrites_history_falls_back_to_the_answer_text():
+    # Like Qwen3: the latest assistant turn gets an (empty) reasoning block, earlier ones do not,
+    # so rendering a prefix is not a prefix of the whole conversation.
+    template = CHATML.replace(
+        "message['content'] + '<|im_end|>'",
+        "('<think></think>' if loop.last and message['role'] == 'assistant' else '') + message['content'] + '<|im_end|>'",
+    )
+    tokenizer = _tokenizer(template)
+    r = render_example(CHAT, tokenizer, max_seq_len=1024)
+    assert learned(tokenizer, r) == (
+        "The capital of France is Paris.<|im_end|><think></think>Why did the chicken cross the road?<|im_end|>"
+    )
+
+
+def test_template_that_drops_an_answer_gives_it_no_loss():
+    # Renders only the last message: the first answer is nowhere in the text, so it cannot carry loss.
     tokenizer = _tokenizer("{{ messages[-1]['content'] }}{% if add_generation_prompt %}A:{% endif %}")
-    with pytest.raises(ValueError, match="prefix-stable"):
-        render_example(CHAT, tokenizer, max_seq_len=64)
+    r = render_example(CHAT, tokenizer, max_seq_len=64)
+    assert learned(tokenizer, r) == "Why did the chicken cross the road?"

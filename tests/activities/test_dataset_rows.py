@@ -27,9 +27,9 @@ COMPLETION = {"prompt": "2+2=", "completion": "4"}
 
 
 def write(tmp_path, lines, name="data.jsonl"):
-    """Write rows (dicts become JSON, str/bytes are written as they are) one per line."""
+    """Write one line per item: str and bytes as they are, anything else as JSON."""
     path = tmp_path / name
-    raw = [json.dumps(x).encode() if isinstance(x, dict) else x if isinstance(x, bytes) else x.encode() for x in lines]
+    raw = [x if isinstance(x, bytes) else x.encode() if isinstance(x, str) else json.dumps(x).encode() for x in lines]
     path.write_bytes(b"\n".join(raw) + b"\n")
     return path
 
@@ -90,7 +90,7 @@ def test_invalid_json_names_line_and_column(tmp_path):
     _, report = read_dataset(write(tmp_path, [INSTRUCTION, INSTRUCTION, '{"instruction": "x" "output": "y"}'] + [INSTRUCTION] * 3))
     p = only_problem(report)
     assert p.line == 3 and p.kind == "invalid_json"
-    assert p.reason.startswith("line 3: not valid JSON (Expecting ',' delimiter at column 20)")
+    assert p.reason.startswith("line 3: not valid JSON (Expecting ',' delimiter at column 21)")
     assert "each line must be a JSON object" in p.reason
     assert report.problem_counts == {"invalid_json": 1}
 
@@ -103,12 +103,13 @@ def test_invalid_json_names_line_and_column(tmp_path):
         ({"instruction": "x", "output": 3}, "wrong_type", "field 'output' must be a string, not a number"),
         ({"instruction": "x", "output": "y", "input": ["a"]}, "wrong_type", "field 'input' must be a string"),
         ({"text": "hello"}, "wrong_shape", "found: text"),
+        ("null", "not_object", "this line is null, not an object"),
         ([1, 2], "not_object", "this line is a list, not an object"),
         ("42", "not_object", "this line is a number, not an object"),
     ],
 )
 def test_row_defects_name_the_line(tmp_path, row, kind, words):
-    lines = [INSTRUCTION] * 4 + [json.dumps(row)] + [INSTRUCTION]
+    lines = [INSTRUCTION] * 4 + [row] + [INSTRUCTION]
     examples, report = read_dataset(write(tmp_path, lines))
     p = only_problem(report)
     assert (p.line, p.kind) == (5, kind) and p.reason.startswith("line 5: ") and words in p.reason, p.reason
@@ -163,7 +164,7 @@ def test_non_utf8_line(tmp_path):
     _, report = read_dataset(write(tmp_path, [COMPLETION] * 4 + [latin1] + [COMPLETION]))
     p = only_problem(report)
     assert (p.line, p.kind) == (5, "not_utf8")
-    assert p.reason == "line 5: not UTF-8 text (invalid byte 0xe9 at column 15); save the file as UTF-8"
+    assert p.reason == "line 5: not UTF-8 text (invalid byte 0xe9 at column 16); save the file as UTF-8"
     assert not report.refused and report.valid_rows == 5
 
 
