@@ -100,7 +100,10 @@ def render_example(example: Example, tokenizer, max_seq_len: int) -> RenderedExa
         ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE] + labels
     length = len(ids)
     return RenderedExample(
-        input_ids=ids[:max_seq_len], labels=labels[:max_seq_len], truncated=length > max_seq_len, length_before_truncation=length
+        input_ids=ids[:max_seq_len],
+        labels=labels[:max_seq_len],
+        truncated=length > max_seq_len,
+        length_before_truncation=length,
     )
 
 

@@ -90,7 +90,9 @@ def _chat(row: dict, line: int) -> Example:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise RowError("not_object", f"messages[{i}] is {_json_type(m)}; each message must be an object with role and content")
+            raise RowError(
+                "not_object", f"messages[{i}] is {_json_type(m)}; each message must be an object with role and content"
+            )
         role = m.get("role")
         if role not in ROLES:
             hint = " (tool messages are not supported yet; leave them out)" if role == "tool" else ""
@@ -109,6 +111,10 @@ def _chat(row: dict, line: int) -> Example:
         raise RowError("bad_order", "no assistant message: there is nothing to learn from this row")
     if out[-1]["role"] != "assistant":
         raise RowError("bad_order", f"the last message is from the {out[-1]['role']}; end with the assistant's answer")
+    first = next(i for i, m in enumerate(out) if m["role"] != "system")
+    if out[first]["role"] != "user":
+        # Chat templates (and the models behind them) expect the user to speak first.
+        raise RowError("bad_order", f"messages[{first}] is from the assistant; start the conversation with a user message")
     return Example(line=line, shape=DatasetShape.chat, messages=tuple(out))
 
 

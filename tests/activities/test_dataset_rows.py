@@ -242,3 +242,16 @@ def test_split_is_deterministic_and_sized():
 def test_module_stays_light():
     code = "import sys, activities.dataset_rows, activities.dataset_render; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_chat_must_start_with_the_user(tmp_path):
+    from activities.dataset_rows import read_dataset
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "hi"}]}\n'
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    )
+    examples, report = read_dataset(path)
+    assert len(examples) == 1
+    assert report.problems[0].reason == "line 1: messages[1] is from the assistant; start the conversation with a user message"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import socket
 import subprocess
@@ -97,6 +97,11 @@ def test_up_tune_stop_and_restart_continues_the_run(tmp_path, tiny_model):
         assert "succeeded" in r.stdout and "tuned eval loss" in r.stdout and "uploaded as ds_" in r.stdout
         listed = up.cli("runs", "list", "--project", "cli")
         assert "succeeded" in listed.stdout
+        first_id = r.stdout.split("run ")[1].split()[0]
+        shown = up.cli("runs", "show", first_id, "--json")
+        assert json.loads(shown.stdout)["state"] == "succeeded"
+        again = up.cli("runs", "cancel", first_id)
+        assert again.returncode == 1 and "already ended (succeeded)" in again.stdout
 
         bad_spec = tmp_path / "bad.yaml"
         bad_spec.write_text(yaml.safe_dump({**spec, "method": "full", "hyperparameters": {"lr": 1}}))
