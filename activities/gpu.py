@@ -59,7 +59,7 @@ class GpuActivities:
                     ref, manifest, ckpt_dir = found
                     state.update(step=ref.step, checkpoint=ref.manifest_key)
                     if ref.step >= inp.until_step:  # a retry after the commit: nothing left to do
-                        losses = json.loads((ckpt_dir / CURSOR_FILE).read_text())["recent_losses"]
+                        losses = json.loads((ckpt_dir / CURSOR_FILE).read_text())["losses"][inp.from_step :]
                         return ChunkResult(
                             checkpoint=ref, step=ref.step, loss=_mean(losses), step_losses=losses,
                             resumed_from_step=ref.step, seconds=time.monotonic() - started,
@@ -83,14 +83,19 @@ class GpuActivities:
 
             # Cancellation is raised only after the step in flight and the checkpoint are done.
             with activity.shield_thread_cancel_exception():
-                losses = recipe.train(inp.until_step, after_step)
-                recipe.save_checkpoint(tmp / "out", losses)
+                recipe.train(inp.until_step, after_step)
+                recipe.save_checkpoint(tmp / "out")
                 ref = commit_checkpoint(
                     self.store, inp.run_id, recipe.step, tmp / "out",
                     meta={"hardware": hardware(), "resumed_from_step": resumed_from},
                 )
                 state.update(checkpoint=ref.manifest_key)
                 activity.heartbeat(dict(state))
+                losses = recipe.losses[inp.from_step :]
+                # The run's step is now the checkpoint's, also when the chunk stopped early.
+                self.db.record_progress(
+                    inp.run_id, ref.step, inp.plan.total_steps, losses[-1] if losses else None, {"checkpoint": ref.step}
+                )
                 recipe.cleanup()
         return ChunkResult(
             checkpoint=ref, step=ref.step, loss=_mean(losses), step_losses=losses,

@@ -36,6 +36,7 @@ def publish_adapter(inp: PublishInput, db: Database, store: ArtifactStore) -> Pu
     if "adapter_model.safetensors" not in files:
         raise user_error(f"checkpoint {inp.checkpoint.manifest_key} holds no adapter weights")
 
+    step_losses = json.loads(store.get_bytes(f"{ckpt_prefix}/cursor.json"))["losses"]
     plan, hp = inp.plan, inp.plan.spec.hyperparameters
     manifest = {
         "format": "lockn-tune.manifest/1",
@@ -81,8 +82,8 @@ def publish_adapter(inp: PublishInput, db: Database, store: ArtifactStore) -> Pu
             "tuned_eval_loss": inp.tuned.loss,
             "baseline_perplexity": inp.baseline.perplexity,
             "tuned_perplexity": inp.tuned.perplexity,
-            "final_train_loss": inp.step_losses[-1] if inp.step_losses else None,
-            "step_losses": inp.step_losses,
+            "final_train_loss": step_losses[-1] if step_losses else None,
+            "step_losses": step_losses,
         },
         "files": files,
     }

@@ -60,5 +60,11 @@ class ApiClient:
         params = {k: v for k, v in {"project": project, "state": state}.items() if v}
         return self._check(self.http.get("/v1/runs", params=params))["runs"]
 
+    def pause_run(self, run_id: str) -> dict:
+        return self._check(self.http.post(f"/v1/runs/{run_id}/pause"))
+
+    def resume_run(self, run_id: str) -> dict:
+        return self._check(self.http.post(f"/v1/runs/{run_id}/resume"))
+
     def cancel_run(self, run_id: str) -> dict:
         return self._check(self.http.post(f"/v1/runs/{run_id}/cancel"))

@@ -3,7 +3,7 @@
     lockn-tune demo                 # the whole thing on a tiny local model, end to end
     lockn-tune up                   # the embedded stack: Temporal, API, workers
     lockn-tune tune SPEC.yaml       # submit a run and follow it
-    lockn-tune runs list|show|cancel
+    lockn-tune runs list|show|pause|resume|cancel
     lockn-tune models make-tiny DIR
 """
 
@@ -231,6 +231,26 @@ def runs_cancel(run_id: str, api: ApiOpt = None):
     except ApiError as exc:
         _fail(str(exc))
     console.print(f"cancellation requested for {run['id']} (state {run['state']})")
+
+
+@runs_app.command("pause")
+def runs_pause(run_id: str, api: ApiOpt = None):
+    """Pause a run: the chunk in flight checkpoints and the GPU is freed."""
+    try:
+        run = _client(api).pause_run(run_id)
+    except ApiError as exc:
+        _fail(str(exc))
+    console.print(f"pause requested for {run['id']} at step {run['step']}")
+
+
+@runs_app.command("resume")
+def runs_resume(run_id: str, api: ApiOpt = None):
+    """Resume a paused run from its newest checkpoint."""
+    try:
+        run = _client(api).resume_run(run_id)
+    except ApiError as exc:
+        _fail(str(exc))
+    console.print(f"resumed {run['id']} from step {run['step']}")
 
 
 @models_app.command("make-tiny")

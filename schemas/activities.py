@@ -20,6 +20,7 @@ class RunInput(BaseModel):
     spec: RunSpec
     cpu_task_queue: str = Field(description="Task queue of worker_cpu (preflight, data, publish, events).")
     gpu_task_queue: str = Field(description="Task queue of worker_gpu (eval, training).")
+    carry: "RunCarry | None" = Field(None, description="Progress carried over by continue-as-new.")
 
 
 class RunResult(BaseModel):
@@ -118,6 +119,7 @@ class ChunkInput(BaseModel):
     run_id: str
     plan: TrainingPlan
     snapshot: DatasetSnapshot
+    from_step: int = Field(0, description="The step the workflow last saw committed; losses are reported after it.")
     until_step: int = Field(description="Train up to (and including) this optimizer step, then checkpoint.")
 
 
@@ -125,7 +127,7 @@ class ChunkResult(BaseModel):
     checkpoint: CheckpointRef
     step: int
     loss: float = Field(description="Mean training loss over the steps of this chunk.")
-    step_losses: list[float] = Field(default_factory=list)
+    step_losses: list[float] = Field(default_factory=list, description="Loss of each step after from_step.")
     resumed_from_step: int
     seconds: float
 
@@ -159,7 +161,6 @@ class PublishInput(BaseModel):
     checkpoint: CheckpointRef
     baseline: EvalResult
     tuned: EvalResult
-    step_losses: list[float] = Field(default_factory=list)
 
 
 class PublishResult(BaseModel):
@@ -167,3 +168,20 @@ class PublishResult(BaseModel):
     adapter_path: str | None = Field(None, description="Local directory of the adapter, when the store is local.")
     manifest_uri: str
     manifest_sha256: str
+
+
+class RunCarry(BaseModel):
+    """What a continued-as-new TuneLLM needs to pick up at the next chunk. Small by design:
+    the loss history lives in the checkpoints, not here."""
+
+    plan: TrainingPlan
+    snapshot: DatasetSnapshot
+    baseline: EvalResult
+    step: int
+    loss: float | None = None
+    checkpoint: CheckpointRef | None = None
+    seq: int
+    pause_requested: bool = False
+
+
+RunInput.model_rebuild()

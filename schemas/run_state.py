@@ -36,4 +36,5 @@ class RunStatus(BaseModel):
     baseline_eval_loss: float | None = None
     tuned_eval_loss: float | None = None
     adapter_uri: str | None = None
+    pause_requested: bool = Field(False, description="A pause was asked for; the run pauses at the next step.")
     error: str | None = Field(None, description="Why the run failed, in words a person can act on.")

@@ -35,6 +35,9 @@ async def temporal_env():
         search_attributes=sa.ALL,
         data_converter=pydantic_data_converter,
         dev_server_log_level="error",
+        # Suggest continue-as-new after a few dozen history events, so every multi-chunk
+        # run in the tests really continues as new mid-training.
+        dev_server_extra_args=["--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=60"],
     )
     yield env
     await env.shutdown()

@@ -72,6 +72,7 @@ class LoraRecipe:
         self.step = 0
         self.epoch = 0
         self.position = 0
+        self.losses: list[float] = []  # every step's loss since step 1, kept in the checkpoint
         self._orders: dict[int, list[int]] = {}
 
     # setup
@@ -98,6 +99,7 @@ class LoraRecipe:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.losses = json.loads((checkpoint_dir / CURSOR_FILE).read_text())["losses"]
         self._restore_rng(state["rng"])
 
     def _seed_everything(self, seed: int) -> None:
@@ -154,22 +156,20 @@ class LoraRecipe:
         self.step += 1
         return total / n_tokens
 
-    def train(self, until_step: int, after_step: Callable[[int, float], bool]) -> list[float]:
+    def train(self, until_step: int, after_step: Callable[[int, float], bool]) -> None:
         """Train up to until_step. after_step(step, loss) returns True to stop early (pause,
         cancel, shutdown): the step in progress always finishes first."""
-        losses = []
         while self.step < until_step:
             loss = self.train_step()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss} at step {self.step}; lower the learning rate")
-            losses.append(loss)
+            self.losses.append(loss)
             if after_step(self.step, loss):
                 break
-        return losses
 
     # checkpoint
 
-    def save_checkpoint(self, dest: Path, recent_losses: list[float]) -> None:
+    def save_checkpoint(self, dest: Path) -> None:
         """Write adapter, trainer state and cursor into dest (a local staging directory)."""
         dest.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(dest / ADAPTER_DIR, safe_serialization=True)
@@ -188,7 +188,7 @@ class LoraRecipe:
             },
         }
         torch.save(state, dest / STATE_FILE)
-        cursor = {"step": self.step, "epoch": self.epoch, "position": self.position, "recent_losses": recent_losses}
+        cursor = {"step": self.step, "epoch": self.epoch, "position": self.position, "losses": self.losses}
         (dest / CURSOR_FILE).write_text(json.dumps(cursor, indent=1))
 
     def cleanup(self) -> None:

@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         PublishInput,
         PublishResult,
         RecordEventInput,
+        RunCarry,
         RunInput,
         RunResult,
         SnapshotInput,
@@ -48,16 +49,65 @@ class TuneLLM:
     def __init__(self) -> None:
         self._status: RunStatus | None = None
         self._seq = 0
+        self._pause_requested = False
+        self._chunk: workflow.ActivityHandle | None = None
 
     @workflow.query
     def status(self) -> RunStatus:
         """State and progress; works on closed workflows too."""
         return self._status or RunStatus(run_id=workflow.info().workflow_id)
 
+    # Pause and resume: updates for the API (validated and acknowledged), signals for
+    # operators (`temporal workflow signal --name pause`).
+
+    @workflow.update(name="pause_run")
+    def pause_run(self) -> RunStatus:
+        self._request_pause()
+        return self.status()
+
+    @pause_run.validator
+    def _validate_pause(self) -> None:
+        state = self.status().state
+        if state.terminal or state in (RunState.evaluating, RunState.publishing):
+            raise ValueError(f"the run is {state.value}: training is over, there is nothing to pause")
+        if self._pause_requested:
+            raise ValueError("the run is already paused (or pausing); resume it instead")
+
+    @workflow.update(name="resume_run")
+    def resume_run(self) -> RunStatus:
+        self._pause_requested = False
+        self._status.pause_requested = False
+        return self.status()
+
+    @resume_run.validator
+    def _validate_resume(self) -> None:
+        if not self._pause_requested:
+            raise ValueError(f"the run is {self.status().state.value}, not paused: there is nothing to resume")
+
+    @workflow.signal(name="pause")
+    def pause_signal(self) -> None:
+        if not self.status().state.terminal:
+            self._request_pause()
+
+    @workflow.signal(name="resume")
+    def resume_signal(self) -> None:
+        self._pause_requested = False
+        if self._status:
+            self._status.pause_requested = False
+
+    def _request_pause(self) -> None:
+        self._pause_requested = True
+        if self._status:
+            self._status.pause_requested = True
+        # The chunk in flight hears this at its next heartbeat, finishes its step,
+        # checkpoints and ends: a paused run holds no GPU.
+        if self._chunk is not None and not self._chunk.done():
+            self._chunk.cancel()
+
     @workflow.run
     async def run(self, inp: RunInput) -> RunResult:
-        self._status = RunStatus(run_id=inp.run_id)
         self._inp = inp
+        self._status = RunStatus(run_id=inp.run_id, pause_requested=self._pause_requested)
         try:
             return await self._run(inp)
         except asyncio.CancelledError:
@@ -74,6 +124,20 @@ class TuneLLM:
             raise ApplicationError(reason, type="RunFailed", non_retryable=True) from err
 
     async def _run(self, inp: RunInput) -> RunResult:
+        if inp.carry is None:
+            carry = await self._prepare(inp)
+        else:
+            carry = inp.carry
+            self._seq, self._pause_requested = carry.seq, carry.pause_requested or self._pause_requested
+            self._status = RunStatus(
+                run_id=inp.run_id, state=RunState.training, step=carry.step, total_steps=carry.plan.total_steps,
+                loss=carry.loss, baseline_eval_loss=carry.baseline.loss, pause_requested=self._pause_requested,
+            )
+        await self._train(inp, carry)
+        return await self._finish(inp, carry)
+
+    async def _prepare(self, inp: RunInput) -> RunCarry:
+        """Preflight, dataset snapshot and baseline eval."""
         spec = inp.spec
         await self._enter(RunState.preflight, "checking the model, the data and the config")
         plan = await self._cpu("preflight", PreflightInput(run_id=inp.run_id, spec=spec), TrainingPlan, minutes=30)
@@ -84,59 +148,70 @@ class TuneLLM:
             plan=plan.model_dump(mode="json"),
             total_steps=plan.total_steps,
         )
-
         snapshot = await self._cpu("snapshot_dataset", SnapshotInput(run_id=inp.run_id, plan=plan), DatasetSnapshot, minutes=120)
         await self._enter(
             RunState.baseline_eval,
             f"snapshot {snapshot.sha256[:12]}: {snapshot.train_rows} train / {snapshot.eval_rows} eval rows",
             dataset_snapshot=snapshot.model_dump(mode="json"),
         )
-
         baseline = await self._gpu(
             "evaluate", EvaluateInput(run_id=inp.run_id, plan=plan, snapshot=snapshot, label="baseline"), EvalResult
         )
         self._status.baseline_eval_loss = baseline.loss
-        await self._enter(
-            RunState.training, f"baseline eval loss {baseline.loss:.4f}", baseline_eval_loss=baseline.loss
-        )
+        await self._enter(RunState.training, f"baseline eval loss {baseline.loss:.4f}", baseline_eval_loss=baseline.loss)
+        return RunCarry(plan=plan, snapshot=snapshot, baseline=baseline, step=0, seq=self._seq)
 
-        step, losses, chunk = 0, [], None
-        while step < plan.total_steps:
-            until = min(step + spec.checkpoint_every_steps, plan.total_steps)
-            chunk = await self._gpu(
+    async def _train(self, inp: RunInput, carry: RunCarry) -> None:
+        """The chunk loop: one committed checkpoint per chunk; pause, cancel and
+        continue-as-new only between chunks."""
+        plan = carry.plan
+        while carry.step < plan.total_steps:
+            if self._pause_requested:
+                await self._enter(RunState.paused, f"paused at step {carry.step}; the GPU is free")
+                await workflow.wait_condition(lambda: not self._pause_requested)
+                await self._enter(RunState.training, f"resumed at step {carry.step}")
+            if workflow.info().is_continue_as_new_suggested():
+                carry.seq, carry.pause_requested = self._seq, self._pause_requested
+                workflow.continue_as_new(inp.model_copy(update={"carry": carry}))
+            until = min(carry.step + inp.spec.checkpoint_every_steps, plan.total_steps)
+            self._chunk = self._start_gpu(
                 "train_chunk",
-                ChunkInput(run_id=inp.run_id, plan=plan, snapshot=snapshot, until_step=until),
+                ChunkInput(run_id=inp.run_id, plan=plan, snapshot=carry.snapshot, from_step=carry.step, until_step=until),
                 ChunkResult,
                 wait_for_cancel=True,
             )
+            try:
+                chunk = await self._chunk
+            except ActivityError as err:
+                paused = isinstance(err.cause, CancelledError) and workflow.cancellation_reason() is None
+                if paused and self._pause_requested:
+                    continue  # the chunk checkpointed and stopped for the pause
+                raise
+            finally:
+                self._chunk = None
             if workflow.cancellation_reason() is not None:
                 # The chunk finished before it heard of the cancel: its checkpoint is committed.
                 raise asyncio.CancelledError()
-            if chunk.step <= step:
-                raise ApplicationError(f"train_chunk made no progress past step {step}", non_retryable=True)
-            step = chunk.step
-            losses.extend(chunk.step_losses)
-            self._status.step, self._status.loss = step, chunk.loss
+            if chunk.step < carry.step:
+                raise ApplicationError(f"train_chunk went back from step {carry.step} to {chunk.step}", non_retryable=True)
+            carry.step, carry.loss, carry.checkpoint = chunk.step, chunk.loss, chunk.checkpoint
+            self._status.step, self._status.loss = chunk.step, chunk.loss
 
-        await self._enter(RunState.evaluating, f"trained {step} steps, final chunk loss {chunk.loss:.4f}")
+    async def _finish(self, inp: RunInput, carry: RunCarry) -> RunResult:
+        """Tuned eval and publish."""
+        plan, snapshot, baseline = carry.plan, carry.snapshot, carry.baseline
+        await self._enter(RunState.evaluating, f"trained {carry.step} steps, last chunk loss {carry.loss:.4f}")
         tuned = await self._gpu(
             "evaluate",
-            EvaluateInput(run_id=inp.run_id, plan=plan, snapshot=snapshot, checkpoint=chunk.checkpoint, label="tuned"),
+            EvaluateInput(run_id=inp.run_id, plan=plan, snapshot=snapshot, checkpoint=carry.checkpoint, label="tuned"),
             EvalResult,
         )
         self._status.tuned_eval_loss = tuned.loss
         await self._enter(RunState.publishing, f"tuned eval loss {tuned.loss:.4f}", tuned_eval_loss=tuned.loss)
-
         published = await self._cpu(
             "publish",
             PublishInput(
-                run_id=inp.run_id,
-                plan=plan,
-                snapshot=snapshot,
-                checkpoint=chunk.checkpoint,
-                baseline=baseline,
-                tuned=tuned,
-                step_losses=losses,
+                run_id=inp.run_id, plan=plan, snapshot=snapshot, checkpoint=carry.checkpoint, baseline=baseline, tuned=tuned
             ),
             PublishResult,
             minutes=60,
@@ -187,10 +262,10 @@ class TuneLLM:
             result_type=result_type,
         )
 
-    async def _gpu(self, name: str, arg, result_type, wait_for_cancel: bool = False):
+    def _start_gpu(self, name: str, arg, result_type, wait_for_cancel: bool = False) -> workflow.ActivityHandle:
         # Heartbeats come every few seconds (from a helper thread while a model loads), so a
         # dead worker is noticed within the heartbeat timeout and the work is retried elsewhere.
-        return await workflow.execute_activity(
+        return workflow.start_activity(
             name,
             arg,
             task_queue=self._inp.gpu_task_queue,
@@ -210,6 +285,9 @@ class TuneLLM:
             ),
             result_type=result_type,
         )
+
+    async def _gpu(self, name: str, arg, result_type):
+        return await self._start_gpu(name, arg, result_type)
 
 
 def _reason(err: ActivityError) -> str:

@@ -9,7 +9,7 @@ import structlog
 from fastapi import APIRouter, Header, HTTPException, Query
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError
 
@@ -18,7 +18,7 @@ from schemas import search_attributes as sa
 from schemas.activities import RunInput
 from schemas.api import ArtifactView, EventView, RunList, RunView
 from schemas.run_spec import RunSpec
-from schemas.run_state import RunState
+from schemas.run_state import RunState, RunStatus
 from schemas.settings import Settings
 from store.db import Database, RunRow, new_id
 
@@ -112,6 +112,34 @@ async def cancel_run(run_id: str, settings: SettingsDep, db: DbDep, client: Temp
     except RPCError as exc:
         raise HTTPException(503, f"could not cancel on Temporal: {exc.message}") from None
     db.add_event(run_id, "info", "cancellation requested")
+    return to_view(_get(db, run_id), settings, db)
+
+
+async def _update(client: Client, db: Database, run_id: str, update: str, what: str) -> None:
+    row = _get(db, run_id)
+    if RunState(row.state).terminal:
+        raise HTTPException(409, f"run {run_id} already ended ({row.state}); nothing to {what}")
+    try:
+        await client.get_workflow_handle(run_id).execute_update(update, result_type=RunStatus)
+    except WorkflowUpdateFailedError as exc:
+        raise HTTPException(409, f"cannot {what} run {run_id}: {getattr(exc.cause, 'message', exc.cause)}") from None
+    except RPCError as exc:
+        raise HTTPException(503, f"could not {what} on Temporal: {exc.message}") from None
+    db.add_event(run_id, "info", f"{what} requested")
+
+
+@router.post("/{run_id}/pause", status_code=202, response_model=RunView)
+async def pause_run(run_id: str, settings: SettingsDep, db: DbDep, client: TemporalDep) -> RunView:
+    """Pause a run: the chunk in flight finishes its step, checkpoints and frees the GPU;
+    the run waits in `paused` until resumed."""
+    await _update(client, db, run_id, "pause_run", "pause")
+    return to_view(_get(db, run_id), settings, db)
+
+
+@router.post("/{run_id}/resume", status_code=202, response_model=RunView)
+async def resume_run(run_id: str, settings: SettingsDep, db: DbDep, client: TemporalDep) -> RunView:
+    """Resume a paused run from its newest checkpoint."""
+    await _update(client, db, run_id, "resume_run", "resume")
     return to_view(_get(db, run_id), settings, db)
 
 
