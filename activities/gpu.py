@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import Heartbeater
 from activities.lineage import hardware
@@ -23,6 +24,7 @@ from store.checkpoints import commit_checkpoint, fetch_checkpoint, fetch_latest_
 from store.db import Database
 
 SAMPLES = 3
+OUT_OF_MEMORY = "OutOfMemory"
 
 
 class GpuActivities:
@@ -46,6 +48,9 @@ class GpuActivities:
         """Train to inp.until_step from the newest committed checkpoint (or from scratch),
         then commit a checkpoint. Pause, cancel or worker shutdown finish the current step,
         checkpoint and return early."""
+        import torch
+
+        from worker_gpu import faults
         from worker_gpu.model_loading import pick_device
         from worker_gpu.recipe_lora import CURSOR_FILE, LoraRecipe
 
@@ -65,7 +70,8 @@ class GpuActivities:
                             resumed_from_step=ref.step, seconds=time.monotonic() - started,
                         )
                 rows = self._fetch_rows(inp.snapshot.train_uri, inp.snapshot.train_sha256, tmp / "train.jsonl")
-                recipe = LoraRecipe(inp.plan, rows, pick_device())
+                faults.kill_point(self.settings, "model_load")
+                recipe = LoraRecipe(inp.plan, rows, pick_device(), oom_above=faults.oom_limit(self.settings))
                 recipe.setup(ckpt_dir if found else None)
             resumed_from = recipe.step
             if resumed_from:
@@ -74,6 +80,7 @@ class GpuActivities:
 
             def after_step(step: int, loss: float) -> bool:
                 nonlocal last_report
+                faults.kill_point(self.settings, "step", step)
                 state.update(step=step, loss=loss)
                 if time.monotonic() - last_report >= self.settings.progress_every_s or step == inp.until_step:
                     last_report = time.monotonic()
@@ -83,11 +90,25 @@ class GpuActivities:
 
             # Cancellation is raised only after the step in flight and the checkpoint are done.
             with activity.shield_thread_cancel_exception():
-                recipe.train(inp.until_step, after_step)
+                try:
+                    recipe.train(inp.until_step, after_step)
+                except (torch.OutOfMemoryError, RuntimeError) as exc:
+                    if not _is_oom(exc):
+                        raise
+                    recipe.cleanup()
+                    # Not retried as is: the workflow retries with a smaller micro-batch.
+                    raise ApplicationError(
+                        f"out of memory at micro-batch {inp.plan.micro_batch_size} "
+                        f"(max_seq_len {inp.plan.max_seq_len}): {exc}",
+                        {"micro_batch_size": inp.plan.micro_batch_size},
+                        type=OUT_OF_MEMORY,
+                        non_retryable=True,
+                    ) from None
                 recipe.save_checkpoint(tmp / "out")
                 ref = commit_checkpoint(
                     self.store, inp.run_id, recipe.step, tmp / "out",
                     meta={"hardware": hardware(), "resumed_from_step": resumed_from},
+                    before_manifest=lambda: faults.kill_point(self.settings, "checkpoint_write"),
                 )
                 state.update(checkpoint=ref.manifest_key)
                 activity.heartbeat(dict(state))
@@ -143,6 +164,14 @@ class GpuActivities:
 
     def all(self) -> list:
         return [self.train_chunk, self.evaluate]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator raises a RuntimeError saying so."""
+    import torch
+
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "not enough memory" in text
 
 
 def _mean(xs: list[float]) -> float:

@@ -20,6 +20,7 @@ class RunInput(BaseModel):
     spec: RunSpec
     cpu_task_queue: str = Field(description="Task queue of worker_cpu (preflight, data, publish, events).")
     gpu_task_queue: str = Field(description="Task queue of worker_gpu (eval, training).")
+    heartbeat_timeout_s: float = Field(30.0, description="GPU activities silent this long are retried elsewhere.")
     carry: "RunCarry | None" = Field(None, description="Progress carried over by continue-as-new.")
 
 

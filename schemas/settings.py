@@ -31,6 +31,10 @@ class Settings(BaseSettings):
 
     heartbeat_every_s: float = Field(3.0, description="How often long activities heartbeat while busy.")
     progress_every_s: float = Field(1.0, description="How often training reports step and loss.")
+    heartbeat_timeout_s: float = Field(
+        30.0, description="A GPU activity silent this long is presumed dead and retried on any GPU worker."
+    )
+    faults: str = Field("", description="Fault injection for tests (see worker_gpu/faults.py); empty in production.")
 
     @property
     def db_url(self) -> str:

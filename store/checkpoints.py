@@ -28,8 +28,11 @@ def checkpoint_prefix(run_id: str, step: int) -> str:
     return f"runs/{run_id}/checkpoints/{step:09d}"
 
 
-def commit_checkpoint(store: ArtifactStore, run_id: str, step: int, src: Path, meta: dict) -> CheckpointRef:
-    """Upload every file under src, then the manifest. Idempotent for a step already committed."""
+def commit_checkpoint(
+    store: ArtifactStore, run_id: str, step: int, src: Path, meta: dict, before_manifest=lambda: None
+) -> CheckpointRef:
+    """Upload every file under src, then the manifest. Idempotent for a step already committed.
+    before_manifest runs between the two (the fault tests kill the worker there)."""
     prefix = checkpoint_prefix(run_id, step)
     manifest_key = f"{prefix}/manifest.json"
     files = {}
@@ -37,6 +40,7 @@ def commit_checkpoint(store: ArtifactStore, run_id: str, step: int, src: Path, m
         rel = path.relative_to(src).as_posix()
         sha = store.put_file(f"{prefix}/{rel}", path)
         files[rel] = {"sha256": sha, "size": path.stat().st_size}
+    before_manifest()
     manifest = {
         "format": FORMAT,
         "run_id": run_id,

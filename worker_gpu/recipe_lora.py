@@ -63,7 +63,7 @@ def summed_loss(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> to
 class LoraRecipe:
     """One readable training recipe for LoRA and QLoRA (the plan says which)."""
 
-    def __init__(self, plan: TrainingPlan, train_rows: list[dict], device: torch.device):
+    def __init__(self, plan: TrainingPlan, train_rows: list[dict], device: torch.device, oom_above: int | None = None):
         self.plan = plan
         self.hp = plan.spec.hyperparameters
         self.rows = train_rows
@@ -74,6 +74,7 @@ class LoraRecipe:
         self.position = 0
         self.losses: list[float] = []  # every step's loss since step 1, kept in the checkpoint
         self._orders: dict[int, list[int]] = {}
+        self._oom_above = oom_above  # fault injection (tests): micro-batches above this "do not fit"
 
     # setup
 
@@ -140,6 +141,8 @@ class LoraRecipe:
         """One optimizer step over micro_batch_size x grad_accum examples; returns its mean token loss."""
         self.model.train()
         mbs = self.plan.micro_batch_size
+        if self._oom_above is not None and mbs > self._oom_above:
+            raise torch.OutOfMemoryError(f"injected: micro-batch {mbs} does not fit (oom_above={self._oom_above})")
         examples = self._next_examples(mbs * self.plan.grad_accum)
         micro = [examples[i : i + mbs] for i in range(0, len(examples), mbs)]
         # Normalise by the labelled tokens of the whole step, so accumulation equals one big batch.

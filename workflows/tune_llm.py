@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
     from schemas.run_state import RunState, RunStatus
 
 USER_ERROR = "UserError"
+OUT_OF_MEMORY = "OutOfMemory"
 
 # User errors fail at once; anything else (a lost worker, a locked DB) is retried.
 RETRY = RetryPolicy(
@@ -118,10 +119,14 @@ class TuneLLM:
             if isinstance(err.cause, CancelledError):
                 await self._enter(RunState.cancelled, "cancelled on request")
                 raise
-            reason = _reason(err)
-            self._status.error = reason
-            await self._enter(RunState.failed, reason, error=reason)
-            raise ApplicationError(reason, type="RunFailed", non_retryable=True) from err
+            await self._fail(_reason(err), err)
+        except ApplicationError as err:
+            await self._fail(err.message, err)
+
+    async def _fail(self, reason: str, err: Exception):
+        self._status.error = reason
+        await self._enter(RunState.failed, reason, error=reason)
+        raise ApplicationError(reason, type="RunFailed", non_retryable=True) from err
 
     async def _run(self, inp: RunInput) -> RunResult:
         if inp.carry is None:
@@ -186,6 +191,9 @@ class TuneLLM:
                 paused = isinstance(err.cause, CancelledError) and workflow.cancellation_reason() is None
                 if paused and self._pause_requested:
                     continue  # the chunk checkpointed and stopped for the pause
+                if isinstance(err.cause, ApplicationError) and err.cause.type == OUT_OF_MEMORY:
+                    carry.plan = plan = await self._smaller_micro_batch(plan, err.cause.message)
+                    continue  # same examples per step, so the data order and schedule are unchanged
                 raise
             finally:
                 self._chunk = None
@@ -196,6 +204,26 @@ class TuneLLM:
                 raise ApplicationError(f"train_chunk went back from step {carry.step} to {chunk.step}", non_retryable=True)
             carry.step, carry.loss, carry.checkpoint = chunk.step, chunk.loss, chunk.checkpoint
             self._status.step, self._status.loss = chunk.step, chunk.loss
+
+    async def _smaller_micro_batch(self, plan: TrainingPlan, reason: str) -> TrainingPlan:
+        """Half the micro-batch (or the next divisor), more accumulation: the same effective batch."""
+        mbs = plan.micro_batch_size
+        smaller = next((d for d in range(mbs // 2, 0, -1) if mbs % d == 0), None)
+        if smaller is None:
+            raise ApplicationError(
+                f"{reason}. It does not fit even with micro-batch 1: lower hyperparameters.max_seq_len "
+                f"(now {plan.max_seq_len}), use method 'qlora', or pick a smaller base model",
+                type=USER_ERROR,
+                non_retryable=True,
+            )
+        new = plan.model_copy(update={"micro_batch_size": smaller, "grad_accum": plan.grad_accum * (mbs // smaller)})
+        await self._record(
+            RunState.training,
+            f"{reason}; retrying with micro-batch {new.micro_batch_size} x grad_accum {new.grad_accum} "
+            f"(same {mbs * plan.grad_accum} examples per step)",
+            plan=new.model_dump(mode="json"),
+        )
+        return new
 
     async def _finish(self, inp: RunInput, carry: RunCarry) -> RunResult:
         """Tuned eval and publish."""
@@ -237,8 +265,11 @@ class TuneLLM:
     async def _enter(self, state: RunState, message: str = "", **fields) -> None:
         """Record a transition: a run event row, the query status, and the search attribute."""
         self._status.state = state
-        self._seq += 1
         workflow.upsert_search_attributes([sa.STATE.value_set(state.value)])
+        await self._record(state, message, **fields)
+
+    async def _record(self, state: RunState, message: str, **fields) -> None:
+        self._seq += 1
         await workflow.execute_activity(
             "record_event",
             RecordEventInput(run_id=self._inp.run_id, seq=self._seq, state=state, message=message, data=fields),
@@ -270,7 +301,7 @@ class TuneLLM:
             arg,
             task_queue=self._inp.gpu_task_queue,
             start_to_close_timeout=timedelta(hours=24),
-            heartbeat_timeout=timedelta(seconds=60),
+            heartbeat_timeout=timedelta(seconds=self._inp.heartbeat_timeout_s),
             # Enough attempts to outlive worker restarts; a bug that fails every time still ends the run.
             retry_policy=RetryPolicy(
                 initial_interval=RETRY.initial_interval,

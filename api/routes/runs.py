@@ -50,7 +50,13 @@ async def start_run_workflow(client: Client, settings: Settings, run_id: str, sp
     """Start TuneLLM for a run already recorded in the DB; workflow id = run id."""
     return await client.start_workflow(
         "TuneLLM",
-        RunInput(run_id=run_id, spec=spec, cpu_task_queue=settings.cpu_task_queue, gpu_task_queue=settings.gpu_task_queue),
+        RunInput(
+            run_id=run_id,
+            spec=spec,
+            cpu_task_queue=settings.cpu_task_queue,
+            gpu_task_queue=settings.gpu_task_queue,
+            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+        ),
         id=run_id,
         task_queue=settings.cpu_task_queue,
         search_attributes=TypedSearchAttributes(

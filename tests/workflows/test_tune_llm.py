@@ -160,3 +160,21 @@ async def test_cancel_mid_training_checkpoints_and_ends_cancelled(stack, tiny_mo
     # The chunk stopped early (well before its 1000 steps) and committed a checkpoint first.
     assert steps and 3 <= steps[0] < 1000
     assert (await handle.describe()).status.name == "CANCELED"
+
+
+async def test_out_of_memory_retries_with_a_smaller_micro_batch(stack, tiny_model, datasets):
+    stack.settings.faults = "oom_above=2"  # micro-batches above 2 "do not fit" on this worker
+    spec = small_spec(tiny_model, datasets["instruction"], hyperparameters={"max_steps": 12, "micro_batch_size": 8})
+    run, _ = await run_to_end(stack, spec)
+    assert run.state == RunState.succeeded.value, run.error
+    assert (run.plan["micro_batch_size"], run.plan["grad_accum"]) == (2, 4)
+    retries = [e.message for e in stack.db.events(run.id) if "retrying with micro-batch" in e.message]
+    assert len(retries) == 2 and "micro-batch 4 x grad_accum 2 (same 8 examples per step)" in retries[0]
+
+
+async def test_out_of_memory_at_micro_batch_one_says_what_to_change(stack, tiny_model, datasets):
+    stack.settings.faults = "oom_above=0"
+    spec = small_spec(tiny_model, datasets["instruction"], hyperparameters={"max_steps": 12, "micro_batch_size": 2})
+    run, _ = await run_to_end(stack, spec)
+    assert run.state == RunState.failed.value
+    assert "does not fit even with micro-batch 1" in run.error and "max_seq_len" in run.error

@@ -1,0 +1,55 @@
+"""Fault injection for the fault-tolerance tests. Off unless LOCKN_TUNE_FAULTS is set.
+
+LOCKN_TUNE_FAULTS is a comma-separated list of one-shot faults:
+
+    model_load          SIGKILL this worker while a chunk loads its model
+    step=N              SIGKILL this worker right after optimizer step N
+    checkpoint_write    SIGKILL this worker after a checkpoint's files are up, before its manifest
+    oom_above=N         raise an out-of-memory error in any step with micro-batch > N
+
+Each kill fires once per home directory (a marker under HOME/faults/), so the worker the
+supervisor restarts carries on. Nothing here runs unless the variable names the fault.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from schemas.settings import Settings
+
+
+def _faults(settings: Settings) -> dict[str, str]:
+    out = {}
+    for item in filter(None, (f.strip() for f in settings.faults.split(","))):
+        name, _, value = item.partition("=")
+        out[name] = value
+    return out
+
+
+def kill_point(settings: Settings, point: str, step: int | None = None) -> None:
+    """SIGKILL this process if the fault `point` (or `step=N`) is armed and has not fired yet."""
+    faults = _faults(settings)
+    if not faults:
+        return
+    if point == "step":
+        if faults.get("step") != str(step):
+            return
+        name = f"step={step}"
+    elif point in faults:
+        name = point
+    else:
+        return
+    marker = Path(settings.home) / "faults" / name
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def oom_limit(settings: Settings) -> int | None:
+    """Largest micro-batch that 'fits' under the oom_above fault, or None."""
+    value = _faults(settings).get("oom_above")
+    return int(value) if value else None
