@@ -6,6 +6,7 @@ logs), so stopping and starting again picks up every unfinished run where it was
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -111,6 +112,8 @@ class Stack:
             LOCKN_TUNE_API_PORT=str(s.api_port),
             LOCKN_TUNE_CPU_TASK_QUEUE=s.cpu_task_queue,
             LOCKN_TUNE_GPU_TASK_QUEUE=s.gpu_task_queue,
+            LOCKN_TUNE_HEARTBEAT_EVERY_S=str(s.heartbeat_every_s),
+            LOCKN_TUNE_HEARTBEAT_TIMEOUT_S=str(s.heartbeat_timeout_s),
             LOCKN_TUNE_LOG_JSON="1",
             HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
             PYTHONUNBUFFERED="1",
@@ -124,11 +127,19 @@ class Stack:
         return env
 
     def _spawn(self, svc: Service) -> None:
+        if svc.log:
+            svc.log.close()
         svc.log = open(self.logs / f"{svc.name}.log", "ab")
         svc.proc = subprocess.Popen(
             svc.argv, env=self.env(), stdout=svc.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=self.home, start_new_session=True,  # our Ctrl-C is handled here, not by each child
         )
+        self._write_pids()
+
+    def _write_pids(self) -> None:
+        """HOME/pids.json: which process is which, for operators (and the fault tests)."""
+        pids = {s.name: s.proc.pid for s in self.services if s.proc is not None}
+        (self.home / "pids.json").write_text(json.dumps(pids))
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)

@@ -3,68 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 
 from cli.demo_data import write_demo_dataset
-
-BIN = Path(sys.executable).parent / "lockn-tune"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class UpProcess:
-    def __init__(self, home: Path):
-        self.home = home
-        self.api, self.temporal, self.ui = free_port(), free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.api}"
-        self.proc = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [str(BIN), "up", "--home", str(self.home), "--api-port", str(self.api),
-             "--temporal-port", str(self.temporal), "--ui-port", str(self.ui)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stdout.read()
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError("lockn-tune up never became healthy")
-
-    def stop(self, timeout: float = 200) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN), *args, "--api", self.url], capture_output=True, text=True, timeout=300)
-
-
-def wait_run(url: str, run_id: str, predicate, timeout: float = 240) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = httpx.get(f"{url}/v1/runs/{run_id}").json()
-        if predicate(run):
-            return run
-        time.sleep(0.3)
-    raise AssertionError(f"run {run_id} stuck in {run['state']}: {run.get('error')}")
+from tests.stack_process import BIN, UpProcess, wait_run
 
 
 def test_make_tiny_cli_writes_a_loadable_model(tmp_path):
