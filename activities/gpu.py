@@ -20,7 +20,7 @@ from activities.lineage import hardware
 from schemas.activities import ChunkInput, ChunkResult, EvalResult, EvalSample, EvaluateInput
 from schemas.settings import Settings
 from store.artifacts import ArtifactStore, sha256_file
-from store.checkpoints import commit_checkpoint, fetch_checkpoint, fetch_latest_checkpoint
+from store.checkpoints import commit_checkpoint, fetch_checkpoint, fetch_latest_checkpoint, prune_checkpoints
 from store.db import Database
 
 SAMPLES = 3
@@ -52,7 +52,7 @@ class GpuActivities:
 
         from worker_gpu import faults
         from worker_gpu.model_loading import pick_device
-        from worker_gpu.recipe_lora import CURSOR_FILE, LoraRecipe
+        from worker_gpu.recipe_lora import CURSOR_FILE, LoraRecipe, eval_loss
 
         started = time.monotonic()
         state = {"step": 0, "loss": None, "checkpoint": None}
@@ -105,9 +105,13 @@ class GpuActivities:
                         non_retryable=True,
                     ) from None
                 recipe.save_checkpoint(tmp / "out")
+                eval_loss_now = None
+                if inp.plan.spec.eval_at_checkpoints:
+                    eval_rows = self._fetch_rows(inp.snapshot.eval_uri, inp.snapshot.eval_sha256, tmp / "eval.jsonl")
+                    eval_loss_now, _ = eval_loss(recipe.model, eval_rows, inp.plan.micro_batch_size, recipe.device)
                 ref = commit_checkpoint(
                     self.store, inp.run_id, recipe.step, tmp / "out",
-                    meta={"hardware": hardware(), "resumed_from_step": resumed_from},
+                    meta={"hardware": hardware(), "resumed_from_step": resumed_from, "eval_loss": eval_loss_now},
                     before_manifest=lambda: faults.kill_point(self.settings, "checkpoint_write"),
                 )
                 state.update(checkpoint=ref.manifest_key)
@@ -115,8 +119,10 @@ class GpuActivities:
                 losses = recipe.losses[inp.from_step :]
                 # The run's step is now the checkpoint's, also when the chunk stopped early.
                 self.db.record_progress(
-                    inp.run_id, ref.step, inp.plan.total_steps, losses[-1] if losses else None, {"checkpoint": ref.step}
+                    inp.run_id, ref.step, inp.plan.total_steps, losses[-1] if losses else None,
+                    {"checkpoint": ref.step, "eval_loss": eval_loss_now},
                 )
+                prune_checkpoints(self.store, inp.run_id, inp.plan.spec.keep_checkpoints)
                 recipe.cleanup()
         return ChunkResult(
             checkpoint=ref, step=ref.step, loss=_mean(losses), step_losses=losses,

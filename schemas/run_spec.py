@@ -84,6 +84,12 @@ class RunSpec(BaseModel):
     checkpoint_every_steps: int = Field(
         50, ge=1, description="Optimizer steps per training chunk; a checkpoint is committed after each."
     )
+    keep_checkpoints: int = Field(
+        3, ge=1, le=1000, description="Committed checkpoints kept: the newest N, plus the one with the best eval loss."
+    )
+    eval_at_checkpoints: bool = Field(
+        True, description="Measure eval loss at every checkpoint (for the best-checkpoint choice and the loss curve)."
+    )
     max_bad_row_fraction: float = Field(
         0.5, ge=0, le=1, description="Refuse the dataset when more than this share of rows is invalid."
     )

@@ -88,3 +88,28 @@ def fetch_latest_checkpoint(store: ArtifactStore, run_id: str, dest: Path) -> tu
         if found:
             return found[0], found[1], target
     return None
+
+
+def prune_checkpoints(store: ArtifactStore, run_id: str, keep_last: int) -> list[int]:
+    """Delete all but the newest keep_last checkpoints and the one with the lowest eval loss.
+    A checkpoint's manifest goes first, so a half-deleted checkpoint no longer exists."""
+    steps = committed_steps(store, run_id)
+    evals = {}
+    for step in steps:
+        try:
+            meta = json.loads(store.get_bytes(f"{checkpoint_prefix(run_id, step)}/manifest.json")).get("meta", {})
+        except (OSError, ValueError):
+            continue
+        if meta.get("eval_loss") is not None:
+            evals[step] = meta["eval_loss"]
+    keep = set(steps[:keep_last])
+    if evals:
+        keep.add(min(evals, key=lambda s: (evals[s], -s)))
+    deleted = []
+    for step in steps:
+        if step not in keep:
+            prefix = checkpoint_prefix(run_id, step)
+            store.delete_prefix(f"{prefix}/manifest.json")
+            store.delete_prefix(prefix)
+            deleted.append(step)
+    return deleted

@@ -61,3 +61,16 @@ def test_corrupt_checkpoint_is_skipped_for_the_one_before(store, tmp_path):
 
 def test_no_checkpoint_means_start_fresh(store, tmp_path):
     assert fetch_latest_checkpoint(store, "run_none", tmp_path / "dl") is None
+
+
+def test_retention_keeps_the_newest_and_the_best_eval(store, tmp_path):
+    from store.checkpoints import prune_checkpoints
+
+    evals = {10: 3.0, 20: 1.5, 30: 2.5, 40: 2.0, 50: 2.2}
+    for step, loss in evals.items():
+        commit_checkpoint(store, "run_r", step, _checkpoint(tmp_path, step), meta={"eval_loss": loss})
+    assert prune_checkpoints(store, "run_r", keep_last=2) == [30, 10]
+    assert committed_steps(store, "run_r") == [50, 40, 20]
+    assert store.list("runs/run_r/checkpoints/000000030") == []
+    ref, _, _ = fetch_latest_checkpoint(store, "run_r", tmp_path / "dl")
+    assert ref.step == 50

@@ -27,12 +27,18 @@ async def run_to_end(stack, spec):
 
 
 async def test_lora_run_learns_and_publishes_a_loadable_adapter(stack, tiny_model, datasets):
-    spec = small_spec(tiny_model, datasets["instruction"])
+    from store.checkpoints import committed_steps
+
+    spec = small_spec(tiny_model, datasets["instruction"], keep_checkpoints=1)
     run, handle = await run_to_end(stack, spec)
 
     assert run.state == RunState.succeeded.value, run.error
     assert run.step == run.total_steps == 24
     assert run.tuned_eval_loss < run.baseline_eval_loss
+    # Checkpoints at 10, 20, 24: the newest is kept, plus the best eval (the newest here, as loss falls).
+    assert committed_steps(stack.store, run.id) == [24]
+    evals = [e.data["eval_loss"] for e in stack.db.events(run.id) if e.kind == "progress" and "eval_loss" in e.data]
+    assert len(evals) == 3 and evals[-1] < evals[0]
 
     adapter = Path(run.adapter_path)
     manifest = json.loads((adapter / "lockn-manifest.json").read_text())
