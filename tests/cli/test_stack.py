@@ -59,6 +59,12 @@ def test_up_tune_stop_and_restart_continues_the_run(tmp_path, tiny_model):
         r = up.cli("tune", str(long_spec), "--no-follow")
         assert r.returncode == 0, r.stdout + r.stderr
         run_id = r.stdout.split("run ")[-1].split()[0]
+        wait_run(up.url, run_id, lambda run: run["state"] == "training" and run["step"] >= 20)
+        paused = up.cli("runs", "pause", run_id)
+        assert paused.returncode == 0 and "pause requested" in paused.stdout, paused.stdout + paused.stderr
+        wait_run(up.url, run_id, lambda run: run["state"] == "paused")
+        resumed = up.cli("runs", "resume", run_id)
+        assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stdout + resumed.stderr
         wait_run(up.url, run_id, lambda run: run["state"] == "training" and run["step"] >= 60)
     finally:
         code = up.stop()

@@ -60,6 +60,9 @@ def test_gpu_worker_killed_at_every_stage_loses_nothing(tmp_path, tiny_model):
         reference = wait_run(up.url, clean, lambda r: r["state"] == "succeeded", timeout=300)
         assert adapter_sha(run) == adapter_sha(reference)
         assert run["tuned_eval_loss"] == reference["tuned_eval_loss"]
+        # Every step's loss after each resume matches the uninterrupted run's, exactly.
+        losses = lambda r: get_json(f"{up.url}/v1/runs/{r['id']}")["artifacts"][0]["manifest"]["metrics"]["step_losses"]  # noqa: E731
+        assert losses(run) == losses(reference) and len(losses(run)) == 80
     finally:
         assert up.stop() == 0
     log = up.proc.stdout.read()
