@@ -118,9 +118,10 @@ class GpuActivities:
                 activity.heartbeat(dict(state))
                 losses = recipe.losses[inp.from_step :]
                 # The run's step is now the checkpoint's, also when the chunk stopped early.
+                last_loss = recipe.losses[-1] if recipe.losses else None
                 self.db.record_progress(
-                    inp.run_id, ref.step, inp.plan.total_steps, losses[-1] if losses else None,
-                    {"checkpoint": ref.step, "eval_loss": eval_loss_now},
+                    inp.run_id, ref.step, inp.plan.total_steps, last_loss,
+                    {"loss": last_loss, "checkpoint": ref.step, "eval_loss": eval_loss_now},
                 )
                 prune_checkpoints(self.store, inp.run_id, inp.plan.spec.keep_checkpoints)
                 recipe.cleanup()
