@@ -54,6 +54,14 @@ def _fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
+def _api(call, *args):
+    """Call the API; an error becomes a one-line message and exit code 1."""
+    try:
+        return call(*args)
+    except ApiError as exc:
+        _fail(str(exc))
+
+
 def load_spec(path: Path) -> RunSpec:
     """Read a YAML/JSON spec; a wrong field is reported with its name."""
     try:
@@ -195,10 +203,7 @@ def runs_list(
     state: Annotated[Optional[str], typer.Option(help="Only runs in this state.")] = None,
 ):
     """Runs, newest first."""
-    try:
-        runs = _client(api).list_runs(project, state)
-    except ApiError as exc:
-        _fail(str(exc))
+    runs = _api(_client(api).list_runs, project, state)
     table = Table("id", "project", "name", "state", "step", "loss", "baseline", "tuned")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for r in runs:
@@ -212,10 +217,7 @@ def runs_list(
 @runs_app.command("show")
 def runs_show(run_id: str, api: ApiOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False):
     """One run: state, progress, metrics, artifacts."""
-    try:
-        run = _client(api).get_run(run_id)
-    except ApiError as exc:
-        _fail(str(exc))
+    run = _api(_client(api).get_run, run_id)
     if as_json:
         print(json.dumps(run, indent=2))
     else:
@@ -226,30 +228,21 @@ def runs_show(run_id: str, api: ApiOpt = None, as_json: Annotated[bool, typer.Op
 @runs_app.command("cancel")
 def runs_cancel(run_id: str, api: ApiOpt = None):
     """Cancel a run: the chunk in flight checkpoints, then the run ends cancelled."""
-    try:
-        run = _client(api).cancel_run(run_id)
-    except ApiError as exc:
-        _fail(str(exc))
+    run = _api(_client(api).cancel_run, run_id)
     console.print(f"cancellation requested for {run['id']} (state {run['state']})")
 
 
 @runs_app.command("pause")
 def runs_pause(run_id: str, api: ApiOpt = None):
     """Pause a run: the chunk in flight checkpoints and the GPU is freed."""
-    try:
-        run = _client(api).pause_run(run_id)
-    except ApiError as exc:
-        _fail(str(exc))
+    run = _api(_client(api).pause_run, run_id)
     console.print(f"pause requested for {run['id']} at step {run['step']}")
 
 
 @runs_app.command("resume")
 def runs_resume(run_id: str, api: ApiOpt = None):
     """Resume a paused run from its newest checkpoint."""
-    try:
-        run = _client(api).resume_run(run_id)
-    except ApiError as exc:
-        _fail(str(exc))
+    run = _api(_client(api).resume_run, run_id)
     console.print(f"resumed {run['id']} from step {run['step']}")
 
 

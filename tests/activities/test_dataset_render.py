@@ -16,13 +16,8 @@ from activities.dataset_render import IGNORE, prompt_and_reference, render_examp
 from activities.dataset_rows import Example
 from schemas.datasets import DatasetShape
 
-PAD, BOT, EOT = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from worker_gpu.tiny_model import BOT, CHATML, EOT, PAD  # the ChatML template real Qwen models use
+
 CORPUS = [
     "You are a helpful assistant.",
     "What is the capital of France? The capital of France is Paris.",

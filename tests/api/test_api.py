@@ -7,7 +7,6 @@ import asyncio
 import json
 
 import httpx
-import pytest
 import pytest_asyncio
 
 from api.app import create_app

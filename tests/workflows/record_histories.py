@@ -27,24 +27,18 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle  # noqa: E402
-from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
-from temporalio.testing import WorkflowEnvironment  # noqa: E402
 
 from api.routes.runs import start_run_workflow  # noqa: E402
 from cli.demo_data import demo_texts, write_demo_dataset  # noqa: E402
-from cli.stack import temporal_binary  # noqa: E402
-from schemas import search_attributes as sa  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from store.db import Database, new_id  # noqa: E402
-from tests.conftest import small_spec  # noqa: E402
+from tests.conftest import running_workers, small_spec, stack_settings, start_dev_server  # noqa: E402
 
 HISTORIES = Path(__file__).resolve().parent / "histories"
 
@@ -139,8 +133,6 @@ async def record(client: Client, db: Database, settings: Settings, model: Path, 
 
 
 async def main() -> int:
-    from worker_cpu.main import build_worker as cpu_worker
-    from worker_gpu.main import build_worker as gpu_worker
     from worker_gpu.tiny_model import make_tiny_model
 
     scratch = Path(tempfile.mkdtemp(prefix="lockn-record-"))
@@ -151,33 +143,17 @@ async def main() -> int:
         empty = scratch / "data" / "empty_file.jsonl"
         empty.write_bytes(b"")
 
-        tag = uuid.uuid4().hex[:8]
-        settings = Settings(
-            home=scratch / "home",
-            cpu_task_queue=f"cpu-{tag}",
-            gpu_task_queue=f"gpu-{tag}",
-            heartbeat_every_s=1.0,
-            progress_every_s=0.2,
-        )
-        settings.home.mkdir(parents=True)
-
+        settings = stack_settings(scratch / "home")
         log("starting the dev server")
-        env = await WorkflowEnvironment.start_local(
-            dev_server_existing_path=temporal_binary(),
-            search_attributes=sa.ALL,
-            data_converter=pydantic_data_converter,
-            dev_server_log_level="error",
-            dev_server_extra_args=["--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=60"],
-        )
+        env = await start_dev_server()
         try:
             client = env.client
             db = Database(settings.db_url)
             HISTORIES.mkdir(parents=True, exist_ok=True)
             for old in HISTORIES.glob("*.json"):
                 old.unlink()
-            with ThreadPoolExecutor(8) as cpu_pool, ThreadPoolExecutor(2) as gpu_pool:
-                async with cpu_worker(client, settings, cpu_pool), gpu_worker(client, settings, gpu_pool):
-                    await record(client, db, settings, model, data, empty)
+            async with running_workers(client, settings):
+                await record(client, db, settings, model, data, empty)
         finally:
             await env.shutdown()
     finally:
