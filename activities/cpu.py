@@ -8,18 +8,19 @@ from __future__ import annotations
 
 from temporalio import activity
 
-from activities.preflight import build_plan
+from activities.errors import user_error
+from activities.preflight import preflight_report
 from activities.publish import publish_adapter
 from activities.snapshot import snapshot_dataset as make_snapshot
 from schemas.activities import (
     DatasetSnapshot,
-    PreflightInput,
     PublishInput,
     PublishResult,
     RecordEventInput,
     SnapshotInput,
     TrainingPlan,
 )
+from schemas.preflight import PreflightInput, PreflightReport
 from schemas.settings import Settings
 from store.artifacts import ArtifactStore
 from store.db import Database, RunRow
@@ -42,11 +43,20 @@ class CpuActivities:
 
     @activity.defn(name="preflight")
     def preflight(self, inp: PreflightInput) -> TrainingPlan:
-        """Resolve model, data and config into a plan, or fail with what to change."""
-        plan = build_plan(inp.run_id, inp.spec, self.db, self.store)
-        for w in plan.warnings:
+        """Resolve model, data, config and hardware into a plan, or fail with what to change.
+        The report is stored on the run either way."""
+        report = preflight_report(inp.run_id, inp.spec, self.db, self.store, inp.hardware)
+        self.db.add_event(inp.run_id, "preflight", "preflight report", report.model_dump(mode="json"))
+        if not report.ok:
+            raise user_error(" ".join(report.errors))
+        for w in report.warnings:
             self.db.add_event(inp.run_id, "warning", w)
-        return plan
+        return report.plan
+
+    @activity.defn(name="preflight_report")
+    def preflight_report(self, inp: PreflightInput) -> PreflightReport:
+        """The dry run: the same report, never raised as a failure for problems a user can fix."""
+        return preflight_report(inp.run_id, inp.spec, self.db, self.store, inp.hardware)
 
     @activity.defn(name="snapshot_dataset")
     def snapshot_dataset(self, inp: SnapshotInput) -> DatasetSnapshot:
@@ -59,4 +69,4 @@ class CpuActivities:
         return publish_adapter(inp, self.db, self.store)
 
     def all(self) -> list:
-        return [self.record_event, self.preflight, self.snapshot_dataset, self.publish]
+        return [self.record_event, self.preflight, self.preflight_report, self.snapshot_dataset, self.publish]

@@ -169,8 +169,15 @@ class GpuActivities:
             label=inp.label, loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens, samples=samples
         )
 
+    @activity.defn(name="inspect_hardware")
+    def inspect_hardware(self) -> dict:
+        """What this GPU worker has: GPU, memory, bf16, bitsandbytes, disk. Read-only."""
+        from runtime.hardware import worker_hardware
+
+        return worker_hardware(self.settings.home).model_dump(mode="json")
+
     def all(self) -> list:
-        return [self.train_chunk, self.evaluate]
+        return [self.train_chunk, self.evaluate, self.inspect_hardware]
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -37,7 +37,7 @@ def publish_adapter(inp: PublishInput, db: Database, store: ArtifactStore) -> Pu
         raise user_error(f"checkpoint {inp.checkpoint.manifest_key} holds no adapter weights")
 
     step_losses = json.loads(store.get_bytes(f"{ckpt_prefix}/cursor.json"))["losses"]
-    plan, hp = inp.plan, inp.plan.spec.hyperparameters
+    plan, hp = inp.plan, inp.plan.hp
     manifest = {
         "format": "lockn-tune.manifest/1",
         "kind": "lora-adapter",

@@ -31,7 +31,7 @@ def snapshot_dataset(plan: TrainingPlan, db, store: ArtifactStore) -> DatasetSna
         store.put_file(source_key, path)
 
     tokenizer = load_tokenizer(plan.base_model_path)
-    train_idx, eval_idx = deterministic_split(len(examples), spec.eval_fraction, spec.hyperparameters.seed)
+    train_idx, eval_idx = deterministic_split(len(examples), spec.eval_fraction, plan.hp.seed)
     lengths, truncated, trained_tokens = [], 0, 0
     train_rows, eval_rows = [], []
     for i in train_idx:

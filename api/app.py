@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.body_limit import BodyLimitMiddleware
-from api.routes import datasets, health, runs
+from api.routes import datasets, health, models, preflight, runs
 from schemas.settings import Settings
 from store.artifacts import open_store
 from store.db import Database
@@ -47,4 +47,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(runs.router)
     app.include_router(datasets.router)
+    app.include_router(models.router)
+    app.include_router(preflight.router)
     return app

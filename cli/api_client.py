@@ -53,6 +53,9 @@ class ApiClient:
     def create_run(self, spec: dict) -> dict:
         return self._check(self.http.post("/v1/runs", json=spec))
 
+    def preflight(self, spec: dict) -> dict:
+        return self._check(self.http.post("/v1/preflight", json=spec, timeout=360))
+
     def get_run(self, run_id: str) -> dict:
         return self._check(self.http.get(f"/v1/runs/{run_id}"))
 

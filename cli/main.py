@@ -2,6 +2,7 @@
 
     lockn-tune demo                 # the whole thing on a tiny local model, end to end
     lockn-tune up                   # the embedded stack: Temporal, API, workers
+    lockn-tune preflight SPEC.yaml  # dry run: plan, memory, data checks, defaults
     lockn-tune tune SPEC.yaml       # submit a run and follow it
     lockn-tune runs list|show|pause|resume|cancel
     lockn-tune models make-tiny DIR
@@ -79,6 +80,10 @@ def load_spec(path: Path) -> RunSpec:
 
 def submit(client: ApiClient, spec: RunSpec) -> dict:
     """Upload a local dataset file first, so the run works from an immutable copy."""
+    return client.create_run(_with_uploaded_dataset(client, spec))
+
+
+def _with_uploaded_dataset(client: ApiClient, spec: RunSpec) -> dict:
     body = spec.model_dump(mode="json")
     # Workers do not share our working directory: send local model paths absolute.
     model_dir = Path(spec.base_model).expanduser()
@@ -94,7 +99,7 @@ def submit(client: ApiClient, spec: RunSpec) -> dict:
         if ds["bad_rows"]:
             console.print(f"[yellow]warning:[/yellow] {ds['report']['message']}")
         body["dataset"] = ds["id"]
-    return client.create_run(body)
+    return body
 
 
 def follow(client: ApiClient, run_id: str) -> dict:
@@ -193,6 +198,64 @@ def tune(
         _fail(str(exc))
     print_summary(run)
     if run["state"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def print_preflight(report: dict) -> None:
+    """The preflight report for a person: verdict, hardware, memory, data, defaults."""
+    hw = report.get("hardware") or {}
+    device = f"GPU {hw.get('gpu_name')} ({hw.get('gpu_memory_bytes', 0) / 1e9:.0f} GB)" if hw.get("device") == "cuda" else (
+        f"CPU only ({hw.get('cpu_count')} cores, {(hw.get('memory_available_bytes') or 0) / 1e9:.0f} GB free): "
+        "training runs on the CPU, slowly"
+    )
+    console.print(f"hardware: {device}; bitsandbytes {'usable' if hw.get('bitsandbytes_usable') else 'not usable'}")
+    ds = report.get("dataset")
+    if ds:
+        v, t = ds["validation"], ds["token_lengths"]
+        console.print(
+            f"dataset: {v['valid_rows']} valid {v['shape']} rows of {v['total_rows']} "
+            f"({ds['train_rows']} train / {ds['eval_rows']} eval), {ds['duplicate_rows']} duplicates"
+        )
+        console.print(f"  tokens per row: min {t['min']}, median {t['p50']}, p95 {t['p95']}, max {t['max']}")
+        for lo, hi, n in zip(t["histogram_edges"], t["histogram_edges"][1:], t["histogram_counts"]):
+            console.print(f"  {lo:>6}-{hi:<6} {'#' * max(1 if n else 0, round(40 * n / max(1, ds['measured_rows'])))} {n}")
+        for p in v["problems"][:5]:
+            console.print(f"  [yellow]{p['reason']}[/yellow]")
+        for sample in ds["samples"][:1]:
+            console.print(f"  sample (line {sample['line']}), as the model sees it:\n{sample['text']}")
+            console.print(f"  ...of which it learns: {sample['trained_text']!r}")
+    mem = report.get("memory")
+    if mem:
+        console.print(f"memory: needs {mem['estimate_bytes'] / 1e9:.2f} GB of {mem['available_bytes'] / 1e9:.1f} GB usable on {mem['device']}")
+        for line in mem["lines"]:
+            console.print(f"  {line}")
+    for d in report.get("defaults", []):
+        console.print(f"default {d['field']} = {d['value']}: {d['why']}")
+    for w in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    if report.get("estimated_steps"):
+        console.print(f"plan: {report['estimated_steps']} steps, roughly {report['estimated_seconds']:.0f} s on this hardware")
+    for e in report.get("errors", []):
+        console.print(f"[red]cannot run:[/red] {e}")
+    console.print("[green]preflight ok[/green]" if report["ok"] else "[red]preflight refused the run[/red]")
+
+
+@app.command()
+def preflight(
+    spec_file: Annotated[Path, typer.Argument(help="Run spec (YAML or JSON).", exists=True, dir_okay=False)],
+    api: ApiOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+):
+    """Dry run: the plan, memory estimate, data checks and defaults for a spec, without training."""
+    spec = load_spec(spec_file)
+    client = _client(api)
+    body = _api(_with_uploaded_dataset, client, spec)
+    report = _api(client.preflight, body)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_preflight(report)
+    if not report["ok"]:
         raise typer.Exit(1)
 
 

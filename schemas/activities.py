@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from schemas.run_spec import RunSpec
+from schemas.run_spec import Hyperparameters, ResolvedHyperparameters, RunSpec
 from schemas.run_state import RunState
 
 
@@ -43,11 +43,6 @@ class RecordEventInput(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
-class PreflightInput(BaseModel):
-    run_id: str
-    spec: RunSpec
-
-
 class TrainingPlan(BaseModel):
     """The resolved plan: everything training needs, decided before a GPU is touched."""
 
@@ -72,6 +67,15 @@ class TrainingPlan(BaseModel):
     warmup_steps: int
     memory_estimate_bytes: int
     warnings: list[str] = Field(default_factory=list)
+    hyperparameters: ResolvedHyperparameters | None = Field(
+        None, description="Every hyperparameter as resolved by preflight (None in plans made before presets)."
+    )
+    precision: str = Field("float32", description="Compute dtype: bfloat16 on GPUs that support it, else float32.")
+
+    @property
+    def hp(self) -> Hyperparameters:
+        """The hyperparameters training uses."""
+        return self.hyperparameters or self.spec.hyperparameters
 
 
 class SnapshotInput(BaseModel):

@@ -30,29 +30,47 @@ class LRScheduler(str, Enum):
     constant = "constant"
 
 
+class Preset(str, Enum):
+    """How much training to buy when you leave knobs unset."""
+
+    quick = "quick"  # a first look: one pass, small rank
+    balanced = "balanced"  # the default
+    thorough = "thorough"  # more passes, higher rank, larger batch
+
+
 class Hyperparameters(BaseModel):
-    """Training knobs. The defaults are sensible for LoRA on a 1-8B instruction model."""
+    """Training knobs. Leave one unset (null) and preflight chooses it from the preset, the
+    model and the dataset, and says why in the preflight report."""
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(3, ge=1, le=100, description="Passes over the training split.")
+    epochs: int | None = Field(None, ge=1, le=100, description="Passes over the training split (default: by dataset size).")
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
     )
-    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")
+    learning_rate: float | None = Field(None, gt=0, le=1.0, description="Peak learning rate (default: by method and model size).")
     lr_scheduler: LRScheduler = Field(LRScheduler.cosine, description="Learning-rate schedule after warmup.")
-    warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="Share of steps spent warming up.")
+    warmup_ratio: float | None = Field(None, ge=0, le=0.5, description="Share of steps spent warming up (default 0.03).")
     weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay on LoRA weights.")
-    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_r: int | None = Field(None, ge=1, le=1024, description="LoRA rank (default: by preset, 8/16/32).")
+    lora_alpha: int | None = Field(None, ge=1, description="LoRA scaling numerator, scale = alpha / r (default: 2 x rank).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="Module names that get LoRA adapters, or 'all-linear' for every linear layer but the output head.",
     )
-    max_seq_len: int = Field(1024, ge=16, le=131072, description="Tokens per example; longer ones are truncated.")
-    micro_batch_size: int = Field(4, ge=1, le=1024, description="Examples per forward pass.")
-    grad_accum: int = Field(4, ge=1, le=1024, description="Forward passes per optimizer step.")
+    max_seq_len: int | None = Field(
+        None, ge=16, le=131072, description="Tokens per example; longer ones are truncated (default: fits the data)."
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=1, le=1024, description="Examples per forward pass (default: the largest that fits in memory)."
+    )
+    grad_accum: int | None = Field(
+        None, ge=1, le=1024, description="Forward passes per optimizer step (default: reaches the preset's batch)."
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in backward to save memory (default: only when needed to fit)."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(42, ge=0, description="Seed for LoRA init, data order and dropout.")
 
@@ -62,6 +80,20 @@ class Hyperparameters(BaseModel):
         if isinstance(v, list) and not v:
             raise ValueError("target_modules is empty: name at least one module, or use 'all-linear'")
         return v
+
+
+class ResolvedHyperparameters(Hyperparameters):
+    """Hyperparameters with every choice made (preflight's output; what training reads)."""
+
+    epochs: int
+    learning_rate: float
+    warmup_ratio: float
+    lora_r: int
+    lora_alpha: int
+    max_seq_len: int
+    micro_batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool
 
 
 class RunSpec(BaseModel):
@@ -79,6 +111,7 @@ class RunSpec(BaseModel):
         ..., min_length=1, description="An uploaded dataset id (ds_...) or a path to a local JSONL file."
     )
     method: Method = Field(Method.lora, description="'lora' (full-precision base) or 'qlora' (4-bit NF4 base).")
+    preset: Preset = Field(Preset.balanced, description="quick, balanced or thorough: the defaults for unset knobs.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     eval_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of valid rows held out for evaluation.")
     checkpoint_every_steps: int = Field(

@@ -40,10 +40,19 @@ def load_base_model(plan: TrainingPlan, device: torch.device):
             llm_int8_skip_modules=["lm_head"],
         )
     model = AutoModelForCausalLM.from_pretrained(plan.base_model_path, local_files_only=True, **kwargs)
+    checkpointing = bool(getattr(plan.hp, "gradient_checkpointing", False))
     if plan.spec.method == Method.qlora:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif checkpointing:
+        # Recompute activations in backward; inputs must carry grad for the frozen base.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model.config.use_cache = False
     return model
 
@@ -51,7 +60,7 @@ def load_base_model(plan: TrainingPlan, device: torch.device):
 def lora_config(plan: TrainingPlan):
     from peft import LoraConfig
 
-    hp = plan.spec.hyperparameters
+    hp = plan.hp
     return LoraConfig(
         r=hp.lora_r,
         lora_alpha=hp.lora_alpha,
@@ -67,7 +76,7 @@ def attach_adapter(model, plan: TrainingPlan, adapter_dir: Path | None, trainabl
     from peft import PeftModel, get_peft_model
 
     if adapter_dir is None:
-        torch.manual_seed(plan.spec.hyperparameters.seed)
+        torch.manual_seed(plan.hp.seed)
         return get_peft_model(model, lora_config(plan))
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 

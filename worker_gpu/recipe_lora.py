@@ -65,7 +65,7 @@ class LoraRecipe:
 
     def __init__(self, plan: TrainingPlan, train_rows: list[dict], device: torch.device, oom_above: int | None = None):
         self.plan = plan
-        self.hp = plan.spec.hyperparameters
+        self.hp = plan.hp
         self.rows = train_rows
         self.device = device
         self.dtype = compute_dtype(device)

@@ -21,7 +21,6 @@ with workflow.unsafe.imports_passed_through():
         DatasetSnapshot,
         EvalResult,
         EvaluateInput,
-        PreflightInput,
         PublishInput,
         PublishResult,
         RecordEventInput,
@@ -31,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         SnapshotInput,
         TrainingPlan,
     )
+    from schemas.preflight import PreflightInput
     from schemas.run_state import RunState, RunStatus
 
 USER_ERROR = "UserError"
@@ -145,7 +145,10 @@ class TuneLLM:
         """Preflight, dataset snapshot and baseline eval."""
         spec = inp.spec
         await self._enter(RunState.preflight, "checking the model, the data and the config")
-        plan = await self._cpu("preflight", PreflightInput(run_id=inp.run_id, spec=spec), TrainingPlan, minutes=30)
+        hardware = await self._gpu("inspect_hardware", None, dict)
+        plan = await self._cpu(
+            "preflight", PreflightInput(run_id=inp.run_id, spec=spec, hardware=hardware), TrainingPlan, minutes=30
+        )
         self._status.total_steps = plan.total_steps
         await self._enter(
             RunState.preparing_data,
@@ -298,7 +301,7 @@ class TuneLLM:
         # dead worker is noticed within the heartbeat timeout and the work is retried elsewhere.
         return workflow.start_activity(
             name,
-            arg,
+            args=[] if arg is None else [arg],
             task_queue=self._inp.gpu_task_queue,
             start_to_close_timeout=timedelta(hours=24),
             heartbeat_timeout=timedelta(seconds=self._inp.heartbeat_timeout_s),

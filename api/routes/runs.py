@@ -17,6 +17,7 @@ from api.deps import DbDep, SettingsDep, TemporalDep
 from schemas import search_attributes as sa
 from schemas.activities import RunInput
 from schemas.api import ArtifactView, EventView, RunList, RunView
+from schemas.preflight import PreflightReport
 from schemas.run_spec import RunSpec
 from schemas.run_state import RunState, RunStatus
 from schemas.settings import Settings
@@ -147,6 +148,16 @@ async def resume_run(run_id: str, settings: SettingsDep, db: DbDep, client: Temp
     """Resume a paused run from its newest checkpoint."""
     await _update(client, db, run_id, "resume_run", "resume")
     return to_view(_get(db, run_id), settings, db)
+
+
+@router.get("/{run_id}/preflight", response_model=PreflightReport)
+def get_preflight(run_id: str, db: DbDep) -> PreflightReport:
+    """The run's preflight report: plan, hardware, memory, dataset checks and every default with why."""
+    _get(db, run_id)
+    reports = [e for e in db.events(run_id) if e.kind == "preflight"]
+    if not reports:
+        raise HTTPException(404, f"run {run_id} has no preflight report yet (it is {db.get_run(run_id).state})")
+    return PreflightReport.model_validate(reports[-1].data)
 
 
 def _sse(ev) -> str:

@@ -160,3 +160,25 @@ async def test_temporal_down_gives_503_not_500(stack, tiny_model, datasets):
         assert (await client.get("/healthz")).status_code == 503
         r = await client.post("/v1/runs", json=small_spec(tiny_model, datasets["chat"]).model_dump(mode="json"))
         assert r.status_code == 503 and "Temporal is not reachable" in r.json()["detail"]
+
+
+async def test_preflight_dry_run_and_the_report_stored_on_a_run(api, tiny_model, datasets):
+    ds = (await api.post("/v1/datasets", files={"file": ("i.jsonl", datasets["instruction"].read_bytes())})).json()
+    r = await api.post("/v1/preflight", json={"base_model": str(tiny_model), "dataset": ds["id"], "preset": "quick"})
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["ok"] and report["hardware"]["device"] == "cpu"
+    assert report["plan"]["hyperparameters"]["lora_r"] == 8
+    assert {d["field"] for d in report["defaults"]} >= {"epochs", "learning_rate", "micro_batch_size"}
+    assert (await api.get("/v1/runs")).json()["runs"] == []  # a dry run starts nothing
+
+    refused = await api.post("/v1/preflight", json={"base_model": str(tiny_model), "dataset": ds["id"],
+                                                     "hyperparameters": {"max_seq_len": 16}})
+    assert refused.status_code == 200 and not refused.json()["ok"]
+    assert "truncates 100% of rows" in refused.json()["errors"][0]
+
+    run = (await api.post("/v1/runs", json=small_spec(tiny_model, ds["id"]).model_dump(mode="json"))).json()
+    await wait_for(api, run["id"], lambda r: r["state"] == "succeeded")
+    stored = (await api.get(f"/v1/runs/{run['id']}/preflight")).json()
+    assert stored["ok"] and stored["plan"]["total_steps"] == 24
+    assert (await api.get("/v1/runs/run_nope/preflight")).status_code == 404

@@ -1,0 +1,139 @@
+"""Models: the supported base models (schemas/model_matrix.yaml) and whether each fits the workers."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from fastapi import APIRouter, HTTPException, Request
+
+from activities.memory_estimate import ModelShape, estimate_training_memory
+from activities.preflight import USABLE_GPU, USABLE_RAM
+from runtime.hardware import worker_hardware
+from schemas.api_models import FitSettings, FitVerdict, HardwareInfo, ModelList, ModelView
+from schemas.model_matrix import ModelEntry, load_matrix
+from schemas.run_spec import Method
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+class EstimateFn(Protocol):
+    def __call__(self, entry: ModelEntry, *, method: str, settings: FitSettings, dtype: str, device: str) -> int: ...
+
+
+def estimate_entry_memory(entry: ModelEntry, *, method: str, settings: FitSettings, dtype: str, device: str) -> int:
+    """Peak training memory in bytes for a matrix entry, from the same estimator preflight uses."""
+    shape = ModelShape(
+        num_parameters=entry.parameters,
+        hidden_size=entry.hidden_size,
+        num_layers=entry.num_layers,
+        num_heads=entry.num_heads,
+        num_kv_heads=entry.num_kv_heads,
+        intermediate_size=entry.intermediate_size,
+        vocab_size=entry.vocab_size,
+        tie_word_embeddings=entry.tie_word_embeddings,
+        head_dim=entry.attention_head_dim,
+    )
+    return estimate_training_memory(
+        shape,
+        method=method,
+        lora_r=settings.lora_r,
+        target_modules=entry.lora_target_modules,
+        seq_len=settings.seq_len,
+        micro_batch=settings.micro_batch,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        dtype=dtype,
+        device=device,
+    ).total
+
+
+def usable_memory(hardware: HardwareInfo) -> tuple[str, int | None]:
+    """What training may use, with preflight's headroom: most of the GPU on cuda, of MemAvailable on CPU."""
+    if hardware.device == "cuda" and hardware.gpu_memory_bytes:
+        return "GPU memory", int(hardware.gpu_memory_bytes * USABLE_GPU)
+    if hardware.memory_available_bytes is None:
+        return "memory", None
+    return "RAM", int(hardware.memory_available_bytes * USABLE_RAM)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def fit_verdict(
+    entry: ModelEntry,
+    method: Method,
+    hardware: HardwareInfo,
+    estimate_fn: EstimateFn = estimate_entry_memory,
+    settings: FitSettings | None = None,
+) -> FitVerdict:
+    """Whether tuning `entry` with `method` at `settings` fits `hardware`, and why."""
+    settings = settings or FitSettings()
+    what, available = usable_memory(hardware)
+    if method not in entry.methods:
+        offered = ", ".join(m.value for m in entry.methods)
+        reason = f"{method.value} is not offered for this model (use: {offered})"
+        return FitVerdict(fits=False, available_bytes=available, reason=reason)
+    device = hardware.device
+    dtype = "bfloat16" if device == "cuda" and hardware.bf16_supported else "float32"
+    try:
+        estimate = estimate_fn(entry, method=method.value, settings=settings, dtype=dtype, device=device)
+    except NotImplementedError as exc:  # an estimator without a model for this kind; other errors are bugs
+        return FitVerdict(fits=None, available_bytes=available, reason=f"no memory model for {entry.kind} yet ({exc})")
+    if method == Method.qlora and not hardware.bitsandbytes_usable:
+        return FitVerdict(
+            fits=False,
+            estimate_bytes=estimate,
+            available_bytes=available,
+            reason="bitsandbytes does not load on the worker, and qlora needs it; use lora",
+        )
+    if available is None:
+        return FitVerdict(
+            fits=None, estimate_bytes=estimate, reason=f"needs about {_gb(estimate)}; the worker's memory is unknown"
+        )
+    caveat = "; approximate: estimated from the talker's shape" if entry.kind == "tts" else ""
+    fits = estimate <= available
+    verdict = "fits" if fits else "does not fit"
+    return FitVerdict(
+        fits=fits,
+        estimate_bytes=estimate,
+        available_bytes=available,
+        reason=f"{verdict}: needs about {_gb(estimate)} of {_gb(available)} usable {what} on {device} "
+        f"({dtype}, seq {settings.seq_len}, micro-batch {settings.micro_batch}, rank {settings.lora_r}){caveat}",
+    )
+
+
+def get_hardware(request: Request) -> HardwareInfo:
+    """The workers' hardware, probed once per API process (it imports torch) and kept on app.state."""
+    state = request.app.state
+    hardware = getattr(state, "hardware", None)
+    if hardware is None:
+        hardware = state.hardware = worker_hardware(state.settings.home)
+    return hardware
+
+
+def model_view(entry: ModelEntry, hardware: HardwareInfo, settings: FitSettings) -> ModelView:
+    fits = {method: fit_verdict(entry, method, hardware, settings=settings) for method in Method}
+    return ModelView(**entry.model_dump(), fits=fits)
+
+
+@router.get("", response_model=ModelList)
+def list_models(request: Request) -> ModelList:
+    """Every supported base model (the model matrix), with whether LoRA and QLoRA runs fit the workers' hardware."""
+    hardware = get_hardware(request)
+    settings = FitSettings()
+    return ModelList(
+        hardware=hardware,
+        fit_settings=settings,
+        models=[model_view(entry, hardware, settings) for entry in load_matrix().models],
+    )
+
+
+@router.get("/{model_id:path}", response_model=ModelView)
+def get_model(model_id: str, request: Request) -> ModelView:
+    """One supported base model by its Hugging Face id (e.g. Qwen/Qwen3-8B), with what fits."""
+    entry = load_matrix().get(model_id)
+    if entry is None:
+        raise HTTPException(
+            404, f"model {model_id!r} is not in the model matrix; GET /v1/models lists the supported models"
+        )
+    return model_view(entry, get_hardware(request), FitSettings())

@@ -1,0 +1,41 @@
+"""Dry runs: the preflight report for a spec, without starting a run."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi import APIRouter, HTTPException
+from temporalio.client import WorkflowFailureError
+from temporalio.service import RPCError
+
+from api.deps import DbDep, SettingsDep, TemporalDep
+from schemas.preflight import PreflightInput, PreflightReport
+from schemas.run_spec import RunSpec
+from store.db import new_id
+
+router = APIRouter(prefix="/v1/preflight", tags=["preflight"])
+
+
+@router.post("", response_model=PreflightReport)
+async def preflight(spec: RunSpec, settings: SettingsDep, db: DbDep, client: TemporalDep) -> PreflightReport:
+    """Check a spec against the training worker's hardware and the data: the plan, memory
+    estimate, rendered samples, token lengths, every default with why — or what to change
+    (`ok: false` with `errors`). Nothing is trained."""
+    if spec.dataset.startswith("ds_") and db.get_dataset(spec.dataset) is None:
+        raise HTTPException(422, f"dataset {spec.dataset!r} not found; upload it with POST /v1/datasets first")
+    try:
+        return await client.execute_workflow(
+            "PreflightLLM",
+            args=[PreflightInput(run_id=new_id("preflight"), spec=spec), settings.cpu_task_queue, settings.gpu_task_queue],
+            id=new_id("preflight"),
+            task_queue=settings.cpu_task_queue,
+            execution_timeout=timedelta(minutes=5),
+            result_type=PreflightReport,
+        )
+    except WorkflowFailureError as exc:
+        cause = exc.cause
+        while getattr(cause, "cause", None) is not None:
+            cause = cause.cause
+        raise HTTPException(422, f"preflight failed: {getattr(cause, 'message', cause)}") from None
+    except RPCError as exc:
+        raise HTTPException(503, f"could not run preflight on Temporal: {exc.message}") from None

@@ -1,0 +1,211 @@
+"""Memory estimate vs measured peak: LoRA and QLoRA training steps on a tiny model, on CPU.
+
+Run: `.venv/bin/python benchmarks/memory_estimate.py [--points 128x1,256x2,512x2,512x4] [--methods lora,qlora]`
+
+Builds a random-weight Llama-shaped model (hidden 512, 4 layers, 8 heads / 4 kv heads,
+intermediate 1408, vocab 8192: about 20M parameters) in a temporary directory, and for
+each method and (seq_len, micro_batch) point measures, in a fresh subprocess, the peak
+memory of one real training step and one eval batch: `LoraRecipe.setup` loads the model
+through `load_base_model` / `attach_adapter`, a first `train_step` warms up (it allocates
+AdamW's moments), then the second `train_step` (forward, backward, clip, AdamW step,
+exactly as training runs) and `eval_loss` on one batch are measured. A micro-batch holds
+one row of seq_len tokens and shorter ones, so it is padded like real batches (a batch of
+one row never is). Points marked "ckpt" train with gradient checkpointing.
+
+Measuring method: peak resident memory. The subprocess reads VmRSS from /proc/self/status
+right before the model loads (torch, transformers, peft and bitsandbytes already
+imported: that baseline is the framework overhead, printed below the table), reads every
+weight once (so lazily memory-mapped safetensors pages are resident, as weights on a GPU
+would be), runs the warm-up step, resets the peak with `echo 5 > /proc/self/clear_refs`,
+runs the measured step and eval batch, and reports VmHWM minus the baseline. The
+subprocess runs with MALLOC_MMAP_THRESHOLD_=131072 so glibc gives every tensor over
+128 KiB its own mapping and returns it when freed: resident memory then follows live
+tensors, as torch.cuda.max_memory_allocated does on a GPU, instead of glibc's heap high
+water mark.
+
+Prints one row per point (estimate, measured, error) and exits 1 when any estimate is
+off by more than 15%. Takes about 3 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from activities.memory_estimate import ModelShape, estimate_training_memory  # noqa: E402
+
+TOLERANCE = 0.15
+LORA_R = 16
+MODEL = dict(
+    vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+)
+# Trained once in each subprocess before its baseline, so that code paged in and thread
+# pools started by a first training step count as framework, not as the measured model.
+WARM_UP_MODEL = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+)
+DEFAULT_POINTS = "128x1,256x2,512x2,512x4,1024x1,512x4ckpt"
+MB = 2**20
+
+
+def build_model(out_dir: Path, shape: dict) -> Path:
+    """A random-weight Llama written with save_pretrained (no tokenizer: inputs are random ids)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        **shape, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None, torch_dtype="float32"
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def parse_points(text: str) -> list[tuple[int, int, bool]]:
+    points = []
+    for item in text.split(","):
+        ckpt = item.endswith("ckpt")
+        seq, mb = item.removesuffix("ckpt").split("x")
+        points.append((int(seq), int(mb), ckpt))
+    return points
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", default=DEFAULT_POINTS, help="seq_lenxmicro_batch[ckpt], comma-separated")
+    parser.add_argument("--methods", default="lora,qlora")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(**json.loads(args.child))))
+        return 0
+
+    from activities.base_model import count_parameters
+
+    rows, overheads = [], []
+    with tempfile.TemporaryDirectory(prefix="lockn-mem-") as tmp:
+        model_dir = build_model(Path(tmp) / "model", MODEL)
+        warm_up_dir = build_model(Path(tmp) / "warm-up", WARM_UP_MODEL)
+        num_params, _ = count_parameters(model_dir)
+        shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()), num_params)
+        print(f"model: {num_params:,} parameters, {MODEL}; LoRA r={LORA_R} on all-linear, float32 on CPU", flush=True)
+        print(f"{'method':6} {'seq_len':>7} {'micro_batch':>11} {'ckpt':>4} {'estimate MB':>11} {'measured MB':>11} {'error':>7}")
+        for method in args.methods.split(","):
+            for seq, mb, ckpt in parse_points(args.points):
+                point = dict(model_dir=str(model_dir), warm_up_dir=str(warm_up_dir), method=method, seq_len=seq, micro_batch=mb, checkpointing=ckpt)
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", json.dumps(point)],
+                    env=env, capture_output=True, text=True, cwd=ROOT,
+                )
+                if out.returncode != 0:
+                    print(out.stderr[-3000:], file=sys.stderr)
+                    return 2
+                measured = json.loads(out.stdout.strip().splitlines()[-1])
+                est = estimate_training_memory(
+                    shape, method=method, lora_r=LORA_R, target_modules="all-linear", seq_len=seq,
+                    micro_batch=mb, gradient_checkpointing=ckpt, dtype="float32", device="cpu",
+                )
+                error = est.training_bytes / measured["peak_bytes"] - 1
+                rows.append((method, seq, mb, ckpt, est.training_bytes, measured["peak_bytes"], error))
+                overheads.append(measured["baseline_bytes"])
+                print(
+                    f"{method:6} {seq:>7} {mb:>11} {'yes' if ckpt else 'no':>4} {est.training_bytes / MB:>11.1f} "
+                    f"{measured['peak_bytes'] / MB:>11.1f} {error:>+7.1%}",
+                    flush=True,
+                )
+    worst = max(abs(r[-1]) for r in rows)
+    print(
+        f"estimate: activities.memory_estimate total minus framework overhead; measured: peak RSS minus RSS before "
+        f"the model loads. Framework overhead (that baseline): {min(overheads) / MB:.0f}-{max(overheads) / MB:.0f} MB. "
+        f"Worst error {worst:.1%} (tolerance {TOLERANCE:.0%})."
+    )
+    return 1 if worst > TOLERANCE else 0
+
+
+def _status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _recipe(model_dir: str, method: str, seq_len: int, micro_batch: int, checkpointing: bool, vocab_size: int):
+    """A LoraRecipe on padded micro-batches of random ids: one full-length row, the others shorter."""
+    import torch
+
+    from schemas.activities import TrainingPlan
+    from schemas.run_spec import Method, RunSpec
+    from worker_gpu.recipe_lora import LoraRecipe
+
+    try:
+        from schemas.run_spec import ResolvedHyperparameters as HP
+    except ImportError:
+        from schemas.run_spec import Hyperparameters as HP
+
+    hp = HP(
+        epochs=1, learning_rate=1e-4, warmup_ratio=0.0, lora_r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.05,
+        target_modules="all-linear", max_seq_len=seq_len, micro_batch_size=micro_batch, grad_accum=1,
+        gradient_checkpointing=checkpointing,
+    )
+    spec = RunSpec(base_model=model_dir, dataset="unused.jsonl", method=Method(method), hyperparameters=hp)
+    plan = TrainingPlan.model_construct(
+        run_id="bench", spec=spec, hyperparameters=hp, base_model_path=model_dir,
+        micro_batch_size=micro_batch, grad_accum=1, max_seq_len=seq_len, total_steps=10, warmup_steps=0,
+    )
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(micro_batch):
+        n = seq_len - i * max(1, seq_len // (2 * micro_batch))
+        ids = torch.randint(2, vocab_size, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": ids})
+    # grad_accum 1: each step is exactly this one micro-batch, so every step is padded alike.
+    return LoraRecipe(plan, rows, torch.device("cpu")), rows
+
+
+def measure(
+    model_dir: str, warm_up_dir: str, method: str, seq_len: int, micro_batch: int, checkpointing: bool
+) -> dict:
+    """In a fresh process: peak RSS of one steady-state training step and one eval batch."""
+    import gc
+
+    import torch
+
+    from worker_gpu.recipe_lora import eval_loss
+
+    # Warm up the framework on a micro model (same code path), then forget it.
+    recipe, rows = _recipe(warm_up_dir, method, 32, 2, checkpointing, WARM_UP_MODEL["vocab_size"])
+    recipe.setup(None)
+    recipe.train_step()
+    eval_loss(recipe.model, rows, 2, recipe.device)
+    recipe.cleanup()
+    del recipe, rows
+    gc.collect()
+
+    recipe, rows = _recipe(model_dir, method, seq_len, micro_batch, checkpointing, MODEL["vocab_size"])
+    baseline = _status_bytes("VmRSS")
+    recipe.setup(None)
+    with torch.no_grad():
+        for t in [*recipe.model.parameters(), *recipe.model.buffers()]:
+            t.sum()  # page in memory-mapped weights
+    recipe.train_step()  # warm-up: AdamW allocates its moments here
+    Path("/proc/self/clear_refs").write_text("5")  # peak := current
+    recipe.train_step()
+    eval_loss(recipe.model, rows, micro_batch, recipe.device)
+    peak = _status_bytes("VmHWM")
+    return {"baseline_bytes": baseline, "peak_bytes": peak - baseline}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

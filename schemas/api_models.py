@@ -1,0 +1,61 @@
+"""Shapes GET /v1/models returns: the model matrix, the workers' hardware, and what fits on it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from schemas.model_matrix import ModelEntry
+from schemas.run_spec import Method
+
+
+class HardwareInfo(BaseModel):
+    """What a worker machine offers for training."""
+
+    device: Literal["cuda", "cpu"] = Field(description="Where training runs: the first CUDA GPU, else the CPU.")
+    gpu_name: str | None = Field(None, description="Name of the GPU; null without one.")
+    gpu_memory_bytes: int | None = Field(None, description="Total memory of the GPU in bytes; null without one.")
+    compute_capability: str | None = Field(None, description="CUDA compute capability, e.g. '9.0'; null without a GPU.")
+    bf16_supported: bool = Field(False, description="The GPU trains in bfloat16; false on CPU (float32 there).")
+    cuda_version: str | None = Field(None, description="CUDA version torch was built with; null for a CPU-only torch.")
+    torch_version: str | None = Field(None, description="Installed torch version; null when torch does not import.")
+    bitsandbytes_usable: bool = Field(False, description="bitsandbytes imports, so QLoRA (4-bit NF4) can load models.")
+    cpu_count: int = Field(description="Logical CPUs.")
+    memory_total_bytes: int | None = Field(None, description="System memory (MemTotal of /proc/meminfo).")
+    memory_available_bytes: int | None = Field(None, description="System memory available now (MemAvailable).")
+    disk_free_bytes: int = Field(description="Free disk space where the stack keeps its state (the home directory).")
+
+
+class FitSettings(BaseModel):
+    """The run GET /v1/models judges fits for: small, but a real instruction-tuning run."""
+
+    seq_len: int = Field(1024, description="Tokens per example.")
+    micro_batch: int = Field(1, description="Examples per forward pass.")
+    lora_r: int = Field(16, description="LoRA rank.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+
+
+class FitVerdict(BaseModel):
+    """Whether one model, tuned with one method, fits a worker's memory."""
+
+    fits: bool | None = Field(description="True when the memory estimate is within the usable memory; null: unknown.")
+    estimate_bytes: int | None = Field(None, description="Estimated peak training memory; null when not estimated.")
+    available_bytes: int | None = Field(
+        None, description="Memory training can use: the GPU's memory on cuda, MemAvailable on CPU."
+    )
+    reason: str = Field(description="The verdict in words, with the numbers behind it.")
+
+
+class ModelView(ModelEntry):
+    """A model matrix entry, with what fits the workers' hardware."""
+
+    fits: dict[Method, FitVerdict] = Field(
+        description="For each method (lora, qlora), whether a run with default settings fits the hardware."
+    )
+
+
+class ModelList(BaseModel):
+    hardware: HardwareInfo = Field(description="The hardware the verdicts were computed for.")
+    fit_settings: FitSettings = Field(description="The run the verdicts were computed for.")
+    models: list[ModelView]

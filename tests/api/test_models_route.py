@@ -1,0 +1,128 @@
+"""GET /v1/models over the ASGI app: the model matrix with, per method, whether it fits the
+workers' hardware. Needs no Temporal."""
+
+from __future__ import annotations
+
+import httpx
+import pytest_asyncio
+
+from api.app import create_app
+from api.routes.models import fit_verdict
+from runtime.hardware import read_meminfo
+from schemas.api_models import FitSettings, HardwareInfo
+from schemas.model_matrix import load_matrix
+from schemas.run_spec import Method
+
+GB = 10**9
+
+
+def fake_hardware(**overrides) -> HardwareInfo:
+    """A 16 GB GPU (a T4, a consumer card): too small for LoRA on a 7B model in bf16, enough for QLoRA."""
+    values = dict(
+        device="cuda", gpu_name="Fake 16GB", gpu_memory_bytes=16 * GB, compute_capability="8.6",
+        bf16_supported=True, cuda_version="12.8", torch_version="2.11.0", bitsandbytes_usable=True,
+        cpu_count=8, memory_total_bytes=32 * GB, memory_available_bytes=24 * GB, disk_free_bytes=100 * GB,
+    )
+    return HardwareInfo(**{**values, **overrides})
+
+
+@pytest_asyncio.fixture
+async def app(tmp_path):
+    from schemas.settings import Settings
+
+    return create_app(Settings(home=tmp_path / "home"))
+
+
+@pytest_asyncio.fixture
+async def client(app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120) as c:
+        yield c
+
+
+async def test_lists_every_model_with_fits_for_each_method_and_the_hardware(client):
+    r = await client.get("/v1/models")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [m["id"] for m in body["models"]] == [m.id for m in load_matrix().models]
+
+    hardware = body["hardware"]
+    assert hardware["device"] in ("cuda", "cpu") and hardware["cpu_count"] >= 1
+    assert hardware["disk_free_bytes"] > 0 and hardware["torch_version"]
+    assert hardware["memory_total_bytes"] == read_meminfo()["MemTotal"]
+    assert body["fit_settings"] == FitSettings().model_dump()
+
+    for model in body["models"]:
+        assert set(model["fits"]) == {"lora", "qlora"}, model["id"]
+        for method, verdict in model["fits"].items():
+            assert verdict["fits"] in (True, False, None) and verdict["reason"], (model["id"], method)
+            if method in model["methods"] and verdict["fits"] is not None:
+                assert verdict["estimate_bytes"] > 0 and verdict["available_bytes"] > 0, (model["id"], method)
+    tts = next(m for m in body["models"] if m["id"] == "Qwen/Qwen3-TTS-12Hz-0.6B-Base")
+    assert tts["kind"] == "tts" and tts["fits"]["qlora"]["fits"] is False
+    assert "not offered" in tts["fits"]["qlora"]["reason"]
+
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    assert paths["/v1/models"]["get"]["tags"] == ["models"] and "/v1/models/{model_id}" in paths
+
+
+async def test_a_7b_model_fits_a_small_gpu_with_qlora_but_not_lora(app, client):
+    app.state.hardware = fake_hardware()
+    r = await client.get("/v1/models/Qwen/Qwen2.5-7B-Instruct")
+    assert r.status_code == 200, r.text
+    fits = r.json()["fits"]
+    assert fits["lora"]["fits"] is False, fits["lora"]
+    assert fits["qlora"]["fits"] is True, fits["qlora"]
+    assert fits["qlora"]["estimate_bytes"] < fits["qlora"]["available_bytes"] < fits["lora"]["estimate_bytes"]
+    assert fits["lora"]["available_bytes"] < 16 * GB  # preflight's headroom is kept
+    assert "does not fit" in fits["lora"]["reason"] and "bfloat16" in fits["lora"]["reason"]
+
+    listed = {m["id"]: m for m in (await client.get("/v1/models")).json()["models"]}
+    assert listed["Qwen/Qwen2.5-7B-Instruct"]["fits"] == fits
+    assert listed["HuggingFaceTB/SmolLM2-135M-Instruct"]["fits"]["lora"]["fits"] is True
+    assert (await client.get("/v1/models")).json()["hardware"]["gpu_name"] == "Fake 16GB"
+
+
+async def test_qlora_does_not_fit_where_bitsandbytes_does_not_load(app, client):
+    app.state.hardware = fake_hardware(bitsandbytes_usable=False)
+    fits = (await client.get("/v1/models/HuggingFaceTB/SmolLM2-135M-Instruct")).json()["fits"]
+    assert fits["lora"]["fits"] is True
+    assert fits["qlora"]["fits"] is False and "bitsandbytes" in fits["qlora"]["reason"]
+
+
+async def test_get_one_model_and_404(client):
+    r = await client.get("/v1/models/google/gemma-3-4b-it")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["architecture"] == "Gemma3ForConditionalGeneration" and body["export"] == {"gguf": True, "ollama": True}
+    assert set(body["fits"]) == {"lora", "qlora"}
+
+    missing = await client.get("/v1/models/acme/NotAModel-7B")
+    assert missing.status_code == 404
+    assert missing.json()["detail"] == (
+        "model 'acme/NotAModel-7B' is not in the model matrix; GET /v1/models lists the supported models"
+    )
+
+
+def test_fit_verdict_with_an_injected_estimator():
+    entry = load_matrix().get("mistralai/Mistral-7B-Instruct-v0.3")
+    cpu = fake_hardware(device="cpu", gpu_name=None, gpu_memory_bytes=None, bf16_supported=False,
+                        memory_available_bytes=10 * GB)
+    calls = []
+
+    def estimate(entry, *, method, settings, dtype, device):
+        calls.append((method, dtype, device, settings.seq_len))
+        return {"lora": 9 * GB, "qlora": 3 * GB}[method]
+
+    lora = fit_verdict(entry, Method.lora, cpu, estimate)
+    qlora = fit_verdict(entry, Method.qlora, cpu, estimate)
+    assert (lora.fits, lora.estimate_bytes, lora.available_bytes) == (False, 9 * GB, 8 * GB)  # 80% of MemAvailable
+    assert (qlora.fits, qlora.estimate_bytes) == (True, 3 * GB)
+    assert calls == [("lora", "float32", "cpu", 1024), ("qlora", "float32", "cpu", 1024)]
+
+    def no_model(entry, **_):
+        raise NotImplementedError("talker only")
+
+    tts = load_matrix().get("Qwen/Qwen3-TTS-12Hz-1.7B-Base")
+    verdict = fit_verdict(tts, Method.lora, cpu, no_model)
+    assert verdict.fits is None and verdict.reason == "no memory model for tts yet (talker only)"
+    assert fit_verdict(tts, Method.qlora, cpu, estimate).fits is False  # not offered for TTS
