@@ -19,9 +19,10 @@ It models what `worker_gpu.recipe_lora` really does, term by term:
 - the eval pass, which runs after the step (activations and gradients freed) on a batch
   of the same size, without autograd.
 
-Batches are assumed right-padded (as `collate` makes them): attention then gets an
-explicit mask, which SDPA converts to the compute dtype and keeps per layer, and
-grouped-query keys and values are repeated to every head before attention.
+A micro-batch of several rows is assumed padded (`collate` pads rows to the longest):
+attention then gets an explicit mask, which SDPA converts to the compute dtype and keeps
+per layer, and grouped-query keys and values are repeated to every head before attention.
+A micro-batch of one row is never padded and needs neither.
 
 Checked against measured peaks on CPU by `benchmarks/memory_estimate.py`.
 """
@@ -265,8 +266,12 @@ def estimate_training_memory(
     )
     residual = 4 if method == "qlora" else act  # QLoRA's float32 embeddings keep the residual stream float32
     final_norm = tokens * (NORM_SAVED_BYTES * h + 4)
+    if "lm_head" in targets:  # a LoRA on the output head keeps its input like any other
+        mask_bytes = 1 if device == "cuda" else LORA_PARAM_BYTES
+        final_norm += tokens * (act * h + (mask_bytes * h if lora_dropout > 0 else 0) + act * lora_r)
     # Shared by all layers: the boolean padding mask and the rotary cos/sin.
-    shared = micro_batch * seq_len * seq_len + 2 * tokens * shape.head_dim * residual
+    padded = micro_batch > 1
+    shared = padded * micro_batch * seq_len * seq_len + 2 * tokens * shape.head_dim * residual
     # Gradients flowing through one layer in backward (residual stream, MLP intermediates).
     workspace = tokens * (2 * h * residual + 2 * shape.intermediate_size * act)
     if gradient_checkpointing:
@@ -291,7 +296,7 @@ def estimate_training_memory(
     # Eval pass (no autograd): logits, their float32 copy and log-softmax, plus the final
     # hidden states; or, inside a layer, its MLP intermediates.
     eval_logits = tokens * vocab * act + 2 * loss_tokens * vocab * 4 + tokens * h * (residual + 4)
-    eval_layer = tokens * (3 * shape.intermediate_size * act + 4 * h * 4) + micro_batch * seq_len * seq_len * act
+    eval_layer = tokens * (3 * shape.intermediate_size * act + 4 * h * 4) + padded * micro_batch * seq_len * seq_len * act
     eval_pass = max(eval_logits, eval_layer)
 
     state = weights + lora_weights + optimizer_state
@@ -342,15 +347,17 @@ def _layer_saved_bytes(
     gradient, "first" for layer 0 without checkpointing (the frozen embeddings' output
     needs none, so its input norm and the dropout masks fed by it are not kept)."""
     h, inter, heads = shape.hidden_size, shape.intermediate_size, shape.num_heads
-    q_dim = heads * shape.head_dim
+    q_dim, kv_dim = heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     tokens = micro_batch * seq_len
+    padded = micro_batch > 1
 
     norms = 2 * (NORM_SAVED_BYTES * h + 4)  # float32 input copy and 1/rms per token
     # SDPA keeps query, key and value (keys and values repeated to every head once a
     # padding mask is given), its output, a logsumexp per head, and the mask converted to
     # the compute dtype.
-    attention = act * 4 * q_dim + LOGSUMEXP_BYTES * heads
-    attention_mask = micro_batch * seq_len * seq_len * act
+    kv_saved = q_dim if padded else kv_dim
+    attention = act * (2 * q_dim + 2 * kv_saved) + LOGSUMEXP_BYTES * heads
+    attention_mask = padded * micro_batch * seq_len * seq_len * act
     mlp = 3 * inter * act  # gate output (for SiLU), SiLU output and up output (for the product)
 
     # Each LoRA module: PEFT casts its input to the adapter's float32; dropout keeps its

@@ -71,7 +71,7 @@ def preflight_report(run_id: str, spec: RunSpec, db, store, hardware: dict | Non
 
     base = resolve_base_model(spec.base_model)
     arch = (base.config.get("architectures") or [""])[0]
-    if not arch.endswith(CAUSAL_LM_SUFFIX):
+    if not arch.endswith(CAUSAL_LM_SUFFIX) and arch not in _matrix_llm_architectures():
         errors.append(
             f"base_model {spec.base_model!r} is a {arch or base.config.get('model_type', 'unknown')} model; "
             "kind 'llm' tunes causal language models (…ForCausalLM)"
@@ -90,6 +90,14 @@ def preflight_report(run_id: str, spec: RunSpec, db, store, hardware: dict | Non
             f"hyperparameters.max_seq_len {hp.max_seq_len} is longer than the model's context of {context} tokens; "
             f"set max_seq_len to {context} or less"
         )
+    if hardware.get("nvidia_driver") and hardware.get("device") == "cpu":
+        warnings.append(
+            f"the training worker has an NVIDIA driver ({hardware['nvidia_driver']}) but torch "
+            f"{hardware.get('torch_version')} (CUDA {hardware.get('cuda_version')}) cannot use the GPU: "
+            "update the driver or install a torch build for its CUDA version; until then training runs on the CPU"
+        )
+    elif hardware and hardware.get("device") == "cpu":
+        warnings.append("the training worker has no GPU: training runs on the CPU, which is fine for tiny models and slow for real ones")
     if spec.method == Method.qlora and hardware.get("bitsandbytes_usable") is False:
         errors.append("method 'qlora' needs bitsandbytes, which does not load on the training worker; use method 'lora'")
 
@@ -135,6 +143,9 @@ def preflight_report(run_id: str, spec: RunSpec, db, store, hardware: dict | Non
     errors += memory_errors
     choices += batch_choices
     values.update(batch_values)
+    disk_error = _disk_check(memory, spec, hardware, data_path)
+    if disk_error:
+        errors.append(disk_error)
 
     report = PreflightReport(
         ok=not errors,
@@ -288,11 +299,17 @@ def _plan_memory(spec: RunSpec, shape, max_seq_len: int, hardware: dict, precisi
                 if hp.gradient_checkpointing is None:
                     why = "needed to fit: activations are recomputed in backward" if gc else "not needed: it would only slow training"
                     choices.append(Choice("gradient_checkpointing", gc, why))
-                memory = MemoryPlan(device=device, estimate_bytes=est.total, available_bytes=available, fits=True, lines=est.lines())
+                memory = MemoryPlan(
+                    device=device, estimate_bytes=est.total, available_bytes=available, fits=True,
+                    adapter_bytes=est.lora_weights, lines=est.lines(),
+                )
                 return memory, {"micro_batch_size": mbs, "grad_accum": accum, "gradient_checkpointing": gc}, choices, []
 
     smallest = estimate(spec.method.value, micro[-1], checkpointing[-1])
-    memory = MemoryPlan(device=device, estimate_bytes=smallest.total, available_bytes=available, fits=False, lines=smallest.lines())
+    memory = MemoryPlan(
+        device=device, estimate_bytes=smallest.total, available_bytes=available, fits=False,
+        adapter_bytes=smallest.lora_weights, lines=smallest.lines(),
+    )
     message = (
         f"the run needs {_gb(smallest.total)} even at micro-batch {micro[-1]}"
         f"{' with gradient checkpointing' if checkpointing[-1] else ''}; the worker has {_gb(available)} usable on {device}."
@@ -308,6 +325,24 @@ def _plan_memory(spec: RunSpec, shape, max_seq_len: int, hardware: dict, precisi
             break
     fixes.append("pick a smaller base model or a worker with more memory")
     return memory, {}, [], [message + " To fit: " + "; or ".join(fixes) + "."]
+
+
+def _matrix_llm_architectures() -> set[str]:
+    """Architectures the model matrix supports for LLM tuning (Gemma 3 4B+ is a ...ForConditionalGeneration)."""
+    from schemas.model_matrix import load_matrix
+
+    return {m.architecture for m in load_matrix().models if m.kind == "llm"}
+
+
+def _disk_check(memory: MemoryPlan | None, spec: RunSpec, hardware: dict, data_path: Path) -> str | None:
+    """Checkpoints (adapter + two Adam moments, kept keep_checkpoints + 1 at a time) and the data snapshot must fit."""
+    free = hardware.get("disk_free_bytes")
+    if not free or memory is None:
+        return None
+    need = 3 * memory.adapter_bytes * (spec.keep_checkpoints + 2) + 3 * data_path.stat().st_size
+    if need > free:
+        return f"checkpoints and the data snapshot need about {_gb(need)} of disk; the worker's home has {_gb(free)} free"
+    return None
 
 
 def _gb(n: int) -> str:

@@ -42,6 +42,16 @@ def bitsandbytes_usable() -> bool:
     return True
 
 
+def nvidia_driver(path: Path = Path("/proc/driver/nvidia/version")) -> str | None:
+    """The loaded NVIDIA kernel driver's version, from its first line; None without one."""
+    try:
+        first = path.read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    words = first.split()
+    return next((w for w in words if w[:1].isdigit() and "." in w), first.strip())
+
+
 def worker_hardware(home: Path | None = None) -> HardwareInfo:
     """This machine's hardware. Imports torch (slow the first time): call it once and keep the result.
 
@@ -55,6 +65,7 @@ def worker_hardware(home: Path | None = None) -> HardwareInfo:
         "memory_available_bytes": meminfo.get("MemAvailable"),
         "disk_free_bytes": _disk_free(Path(home or Path.home()).expanduser()),
         "bitsandbytes_usable": bitsandbytes_usable(),
+        "nvidia_driver": nvidia_driver(),
     }
     try:
         import torch

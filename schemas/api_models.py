@@ -25,6 +25,7 @@ class HardwareInfo(BaseModel):
     memory_total_bytes: int | None = Field(None, description="System memory (MemTotal of /proc/meminfo).")
     memory_available_bytes: int | None = Field(None, description="System memory available now (MemAvailable).")
     disk_free_bytes: int = Field(description="Free disk space where the stack keeps its state (the home directory).")
+    nvidia_driver: str | None = Field(None, description="NVIDIA kernel driver version, when one is loaded (even if torch cannot use it).")
 
 
 class FitSettings(BaseModel):

@@ -50,6 +50,7 @@ class MemoryPlan(BaseModel):
     estimate_bytes: int
     available_bytes: int
     fits: bool
+    adapter_bytes: int = Field(0, description="Size of the LoRA weights (a checkpoint holds them plus two Adam moments).")
     lines: list[str] = Field(description="The estimate, term by term.")
 
 

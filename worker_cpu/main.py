@@ -21,7 +21,7 @@ from runtime.temporal import connect
 from schemas.settings import Settings
 from store.artifacts import open_store
 from store.db import Database
-from workflows.preflight import PreflightLLM
+from workflows.preflight import InspectHardware, PreflightLLM
 from workflows.tune_llm import TuneLLM
 
 log = structlog.get_logger(__name__)
@@ -32,7 +32,7 @@ def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecuto
     return Worker(
         client,
         task_queue=task_queue or settings.cpu_task_queue,
-        workflows=[TuneLLM, PreflightLLM],
+        workflows=[TuneLLM, PreflightLLM, InspectHardware],
         activities=activities.all(),
         activity_executor=executor,
         max_concurrent_activities=executor._max_workers,

@@ -34,3 +34,18 @@ class PreflightLLM:
             retry_policy=RetryPolicy(maximum_attempts=2, non_retryable_error_types=["UserError"]),
             result_type=PreflightReport,
         )
+
+
+@workflow.defn(name="InspectHardware")
+class InspectHardware:
+    """What a training worker has (GPU, memory, bf16, bitsandbytes, disk), for GET /v1/models."""
+
+    @workflow.run
+    async def run(self, gpu_task_queue: str) -> dict:
+        return await workflow.execute_activity(
+            "inspect_hardware",
+            task_queue=gpu_task_queue,
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=RetryPolicy(maximum_attempts=3),
+            result_type=dict,
+        )

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Protocol
+
+from temporalio.client import WorkflowFailureError
+from temporalio.service import RPCError
 
 from fastapi import APIRouter, HTTPException, Request
 
 from activities.memory_estimate import ModelShape, estimate_training_memory
 from activities.preflight import USABLE_GPU, USABLE_RAM
-from runtime.hardware import worker_hardware
+from api.deps import get_temporal
+from store.db import new_id
 from schemas.api_models import FitSettings, FitVerdict, HardwareInfo, ModelList, ModelView
 from schemas.model_matrix import ModelEntry, load_matrix
 from schemas.run_spec import Method
@@ -102,12 +107,26 @@ def fit_verdict(
     )
 
 
-def get_hardware(request: Request) -> HardwareInfo:
-    """The workers' hardware, probed once per API process (it imports torch) and kept on app.state."""
+async def get_hardware(request: Request) -> HardwareInfo:
+    """The training workers' hardware, as a GPU worker reports it (the API never imports torch).
+    Asked once per API process and kept on app.state."""
     state = request.app.state
     hardware = getattr(state, "hardware", None)
     if hardware is None:
-        hardware = state.hardware = worker_hardware(state.settings.home)
+        settings = state.settings
+        client = await get_temporal(request)
+        try:
+            report = await client.execute_workflow(
+                "InspectHardware",
+                settings.gpu_task_queue,
+                id=new_id("hardware"),
+                task_queue=settings.cpu_task_queue,
+                execution_timeout=timedelta(seconds=60),
+                result_type=dict,
+            )
+        except (WorkflowFailureError, RPCError) as exc:
+            raise HTTPException(503, f"no training worker reported its hardware ({exc}); is worker_gpu running?") from None
+        hardware = state.hardware = HardwareInfo.model_validate(report)
     return hardware
 
 
@@ -117,9 +136,9 @@ def model_view(entry: ModelEntry, hardware: HardwareInfo, settings: FitSettings)
 
 
 @router.get("", response_model=ModelList)
-def list_models(request: Request) -> ModelList:
+async def list_models(request: Request) -> ModelList:
     """Every supported base model (the model matrix), with whether LoRA and QLoRA runs fit the workers' hardware."""
-    hardware = get_hardware(request)
+    hardware = await get_hardware(request)
     settings = FitSettings()
     return ModelList(
         hardware=hardware,
@@ -129,11 +148,11 @@ def list_models(request: Request) -> ModelList:
 
 
 @router.get("/{model_id:path}", response_model=ModelView)
-def get_model(model_id: str, request: Request) -> ModelView:
+async def get_model(model_id: str, request: Request) -> ModelView:
     """One supported base model by its Hugging Face id (e.g. Qwen/Qwen3-8B), with what fits."""
     entry = load_matrix().get(model_id)
     if entry is None:
         raise HTTPException(
             404, f"model {model_id!r} is not in the model matrix; GET /v1/models lists the supported models"
         )
-    return model_view(entry, get_hardware(request), FitSettings())
+    return model_view(entry, await get_hardware(request), FitSettings())

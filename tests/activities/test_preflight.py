@@ -127,3 +127,16 @@ def test_memory_picks_the_largest_micro_batch_that_fits(tiny_model, datasets):
 def test_qlora_needs_bitsandbytes_on_the_worker(tiny_model, datasets, method):
     r = report(tiny_model, datasets["instruction"], hardware={**CPU, "bitsandbytes_usable": False}, method=method)
     assert r.ok == (method == "lora")
+
+
+def test_cpu_fallback_and_broken_driver_are_stated_plainly(tiny_model, datasets):
+    r = report(tiny_model, datasets["instruction"])
+    assert any("no GPU: training runs on the CPU" in w for w in r.warnings)
+    broken = {**CPU, "nvidia_driver": "550.54", "torch_version": "2.11.0", "cuda_version": "13.0"}
+    r = report(tiny_model, datasets["instruction"], hardware=broken)
+    assert any("NVIDIA driver (550.54)" in w and "cannot use the GPU" in w for w in r.warnings)
+
+
+def test_too_little_disk_for_checkpoints_is_refused(tiny_model, datasets):
+    r = report(tiny_model, datasets["instruction"], hardware={**CPU, "disk_free_bytes": 1000})
+    assert not r.ok and "of disk" in r.errors[0]

@@ -1,5 +1,5 @@
 """GET /v1/models over the ASGI app: the model matrix with, per method, whether it fits the
-workers' hardware. Needs no Temporal."""
+training workers' hardware (asked of a real GPU worker through Temporal)."""
 
 from __future__ import annotations
 
@@ -27,10 +27,9 @@ def fake_hardware(**overrides) -> HardwareInfo:
 
 
 @pytest_asyncio.fixture
-async def app(tmp_path):
-    from schemas.settings import Settings
-
-    return create_app(Settings(home=tmp_path / "home"))
+async def app(stack, temporal_env):
+    settings = stack.settings.model_copy(update={"temporal_address": temporal_env.client.service_client.config.target_host})
+    return create_app(settings)
 
 
 @pytest_asyncio.fixture
