@@ -259,19 +259,24 @@ def estimate_training_memory(
     gradients = lora_params * LORA_PARAM_BYTES
     optimizer_state = 2 * lora_params * LORA_PARAM_BYTES
 
-    # Activations saved for backward.
+    # Activations saved for backward. QLoRA's float32 embeddings make the residual stream
+    # float32, and bitsandbytes casts each 4-bit layer's output back to its input's dtype.
+    residual = 4 if method == "qlora" else act
     layer_saved = _layer_saved_bytes(
         shape, targets, lora_r=lora_r, micro_batch=micro_batch, seq_len=seq_len,
-        act=act, device=device, lora_dropout=lora_dropout, method=method, dtype=dtype,
+        act=act, residual=residual, device=device, lora_dropout=lora_dropout, dtype=dtype,
     )
-    residual = 4 if method == "qlora" else act  # QLoRA's float32 embeddings keep the residual stream float32
     final_norm = tokens * (NORM_SAVED_BYTES * h + 4)
     if "lm_head" in targets:  # a LoRA on the output head keeps its input like any other
         mask_bytes = 1 if device == "cuda" else LORA_PARAM_BYTES
         final_norm += tokens * (act * h + (mask_bytes * h if lora_dropout > 0 else 0) + act * lora_r)
-    # Shared by all layers: the boolean padding mask and the rotary cos/sin.
+    # Shared by all layers: the boolean padding mask and the rotary cos/sin. Under
+    # autocast, also the compute-dtype copies of float32 weights that backward needs: the
+    # LoRA weights, and for QLoRA the float32 output head.
     padded = micro_batch > 1
     shared = padded * micro_batch * seq_len * seq_len + 2 * tokens * shape.head_dim * residual
+    if act < 4:
+        shared += lora_params * act + (vocab * h * act if method == "qlora" else 0)
     # Gradients flowing through one layer in backward (residual stream, MLP intermediates).
     workspace = tokens * (2 * h * residual + 2 * shape.intermediate_size * act)
     if gradient_checkpointing:
@@ -296,7 +301,7 @@ def estimate_training_memory(
     # Eval pass (no autograd): logits, their float32 copy and log-softmax, plus the final
     # hidden states; or, inside a layer, its MLP intermediates.
     eval_logits = tokens * vocab * act + 2 * loss_tokens * vocab * 4 + tokens * h * (residual + 4)
-    eval_layer = tokens * (3 * shape.intermediate_size * act + 4 * h * 4) + padded * micro_batch * seq_len * seq_len * act
+    eval_layer = tokens * (3 * shape.intermediate_size * residual + 4 * h * 4) + padded * micro_batch * seq_len * seq_len * act
     eval_pass = max(eval_logits, eval_layer)
 
     state = weights + lora_weights + optimizer_state
@@ -338,9 +343,9 @@ def _layer_saved_bytes(
     micro_batch: int,
     seq_len: int,
     act: int,
+    residual: int,
     device: str,
     lora_dropout: float,
-    method: str,
     dtype: str,
 ) -> dict[str, int]:
     """Bytes one decoder layer keeps for backward: "full" for a layer whose input needs a
@@ -358,7 +363,7 @@ def _layer_saved_bytes(
     kv_saved = q_dim if padded else kv_dim
     attention = act * (2 * q_dim + 2 * kv_saved) + LOGSUMEXP_BYTES * heads
     attention_mask = padded * micro_batch * seq_len * seq_len * act
-    mlp = 3 * inter * act  # gate output (for SiLU), SiLU output and up output (for the product)
+    mlp = 3 * inter * residual  # gate output (for SiLU), SiLU output and up output (for the product)
 
     # Each LoRA module: PEFT casts its input to the adapter's float32; dropout keeps its
     # mask (bool on CUDA, a float32 multiplier on CPU); lora_A keeps its input in the

@@ -57,7 +57,7 @@ WARM_UP_MODEL = dict(
 )
 # Make resident memory follow live memory (see the docstring).
 MEASURING_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MKL_DISABLE_FAST_MM": "1"}
-DEFAULT_POINTS = "128x1,256x2,512x2,512x4,1024x1,512x4ckpt"
+DEFAULT_POINTS = "128x1,256x2,512x4,1024x1,512x4ckpt"
 MB = 2**20
 
 

@@ -48,6 +48,10 @@ def test_up_tune_stop_and_restart_continues_the_run(tmp_path, tiny_model):
         again = up.cli("runs", "cancel", first_id)
         assert again.returncode == 1 and "already ended (succeeded)" in again.stdout
 
+        pre = up.cli("preflight", str(spec_file))
+        assert pre.returncode == 0 and "preflight ok" in pre.stdout, pre.stdout + pre.stderr
+        assert "as the model sees it" in pre.stdout and "memory: needs" in pre.stdout
+
         bad_spec = tmp_path / "bad.yaml"
         bad_spec.write_text(yaml.safe_dump({**spec, "method": "full", "hyperparameters": {"lr": 1}}))
         r = up.cli("tune", str(bad_spec))
