@@ -43,11 +43,12 @@ NORM_SAVED_BYTES = 4  # RMSNorm upcasts its input to float32 and keeps that copy
 LOGSUMEXP_BYTES = 4  # SDPA keeps a float32 logsumexp per head and token
 
 # What a process holds before any model loads. CPU: resident memory of a Python process
-# with torch, transformers, peft and bitsandbytes imported (measured on Linux x86-64 with
-# torch 2.11 CPU: about 700 MiB; benchmarks/memory_estimate.py prints it). CUDA: the CUDA
-# context with its kernel images and the cuBLAS workspace, typically 0.5-1 GiB of GPU
-# memory; not measured here, 1 GiB assumed.
-FRAMEWORK_OVERHEAD_BYTES = {"cpu": 700 * 2**20, "cuda": 2**30}
+# with torch, transformers, peft and bitsandbytes imported and one micro training step run
+# (code paged in, thread pools): 718-723 MiB measured by benchmarks/memory_estimate.py on
+# Linux x86-64 with torch 2.11, which prints it. CUDA: GPU memory taken by the CUDA
+# context, kernel images and the cuBLAS workspace, typically 0.5-1 GiB; not measured
+# here, 1 GiB assumed.
+FRAMEWORK_OVERHEAD_BYTES = {"cpu": 720 * 2**20, "cuda": 2**30}
 
 # The linear layers of a Llama / Qwen2 / Mistral decoder block, and what "all-linear"
 # means for PEFT (every linear layer but the output head).
@@ -159,32 +160,35 @@ class MemoryEstimate:
         tokens = f"{self.micro_batch} x {self.seq_len} tokens"
         if self.method == "qlora":
             weights = (
-                f"base weights: {_size(self.weights)} ({self.quantized_parameters:,} block linear weights in 4-bit NF4 "
-                f"with double-quantized scales; embeddings, norms and lm_head in float32)"
+                f"{self.quantized_parameters:,} block linear weights in 4-bit NF4 with double-quantized scales; "
+                "embeddings, norms and lm_head in float32"
             )
         else:
-            weights = f"base weights: {_size(self.weights)} (every parameter in {self.dtype})"
-        ckpt = (
-            "with gradient checkpointing: each layer's input is kept and one layer at a time is recomputed in backward"
-            if self.gradient_checkpointing
-            else "without gradient checkpointing: every layer keeps what its backward needs"
+            weights = f"every parameter in {self.dtype}"
+        if self.gradient_checkpointing:
+            kept = "with gradient checkpointing: each layer's input, and one layer at a time recomputed in backward"
+        else:
+            kept = "without gradient checkpointing: every layer keeps what its backward needs"
+        overhead = (
+            "the CUDA context, kernels and cuBLAS workspace"
+            if self.device == "cuda"
+            else "the process with torch, transformers, peft and bitsandbytes loaded"
         )
+        lora = f"{self.lora_parameters:,} float32 parameters: A and B of each {', '.join(self.target_modules)}"
+        logits = (
+            f"{tokens} x vocabulary: the logits in {self.dtype}, their float32 copy and the float32 "
+            "log-softmax of cross-entropy, alive together at the end of the forward pass"
+        )
+        eval_pass = "the same batch without autograd, after the step's activations and gradients are freed"
         return [
-            weights,
-            f"LoRA weights: {_size(self.lora_weights)} ({self.lora_parameters:,} float32 parameters of rank-r A and B "
-            f"on {', '.join(self.target_modules)} in every layer)",
-            f"gradients: {_size(self.gradients)} (float32, one per LoRA parameter, kept across the micro-batches of a step)",
+            f"base weights: {_size(self.weights)} ({weights})",
+            f"LoRA weights: {_size(self.lora_weights)} ({lora})",
+            f"gradients: {_size(self.gradients)} (float32, one per LoRA parameter, kept across a step's micro-batches)",
             f"optimizer state: {_size(self.optimizer_state)} (AdamW's two float32 moments per LoRA parameter)",
-            f"activations: {_size(self.activations)} saved for backward for a micro-batch of {tokens} in {self.dtype}, "
-            f"{ckpt}",
-            f"logits and loss: {_size(self.logits)} ({tokens} x vocabulary: the logits in {self.dtype}, their float32 "
-            "copy and the float32 log-softmax of cross-entropy, alive together at the end of the forward pass)",
-            f"eval pass: {_size(self.eval_pass)} (the same batch size without autograd: logits and loss once more, "
-            "after the step's activations and gradients are freed)",
-            f"framework overhead: {_size(self.framework_overhead)} ("
-            + ("the CUDA context, kernels and cuBLAS workspace" if self.device == "cuda"
-               else "the process with torch, transformers, peft and bitsandbytes loaded")
-            + ")",
+            f"activations: {_size(self.activations)} (saved for backward, {tokens} in {self.dtype}, {kept})",
+            f"logits and loss: {_size(self.logits)} ({logits})",
+            f"eval pass: {_size(self.eval_pass)} ({eval_pass})",
+            f"framework overhead: {_size(self.framework_overhead)} ({overhead})",
             f"predicted peak: {_size(self.total)} (at the {self.peak_phase}; terms that never coexist are not added up)",
         ]
 
@@ -274,11 +278,12 @@ def estimate_training_memory(
     # autocast, also the compute-dtype copies of float32 weights that backward needs: the
     # LoRA weights, and for QLoRA the float32 output head.
     padded = micro_batch > 1
-    shared = padded * micro_batch * seq_len * seq_len + 2 * tokens * shape.head_dim * residual
+    padding_mask = micro_batch * seq_len * seq_len if padded else 0
+    shared = padding_mask + 2 * tokens * shape.head_dim * residual
     if act < 4:
         shared += lora_params * act + (vocab * h * act if method == "qlora" else 0)
     # Gradients flowing through one layer in backward (residual stream, MLP intermediates).
-    workspace = tokens * (2 * h * residual + 2 * shape.intermediate_size * act)
+    workspace = tokens * (2 * h * residual + 2 * shape.intermediate_size * residual)
     if gradient_checkpointing:
         # Only each layer's input is kept; backward recomputes one layer at a time.
         kept = layers * tokens * h * residual + final_norm + shared
@@ -301,7 +306,7 @@ def estimate_training_memory(
     # Eval pass (no autograd): logits, their float32 copy and log-softmax, plus the final
     # hidden states; or, inside a layer, its MLP intermediates.
     eval_logits = tokens * vocab * act + 2 * loss_tokens * vocab * 4 + tokens * h * (residual + 4)
-    eval_layer = tokens * (3 * shape.intermediate_size * residual + 4 * h * 4) + padded * micro_batch * seq_len * seq_len * act
+    eval_layer = tokens * (3 * shape.intermediate_size * residual + 4 * h * 4) + padding_mask * act
     eval_pass = max(eval_logits, eval_layer)
 
     state = weights + lora_weights + optimizer_state
@@ -362,7 +367,7 @@ def _layer_saved_bytes(
     # the compute dtype.
     kv_saved = q_dim if padded else kv_dim
     attention = act * (2 * q_dim + 2 * kv_saved) + LOGSUMEXP_BYTES * heads
-    attention_mask = padded * micro_batch * seq_len * seq_len * act
+    attention_mask = micro_batch * seq_len * seq_len * act if padded else 0
     mlp = 3 * inter * residual  # gate output (for SiLU), SiLU output and up output (for the product)
 
     # Each LoRA module: PEFT casts its input to the adapter's float32; dropout keeps its

@@ -283,7 +283,7 @@ def _plan_memory(spec: RunSpec, shape, max_seq_len: int, hardware: dict, precisi
     def estimate(method, mbs, gc, seq=max_seq_len):
         return estimate_training_memory(
             shape, method=method, lora_r=rank, target_modules=hp.target_modules, seq_len=seq,
-            micro_batch=mbs, gradient_checkpointing=gc, dtype=precision, device=device,
+            micro_batch=mbs, gradient_checkpointing=gc, dtype=precision, device=device, lora_dropout=hp.lora_dropout,
         )
 
     for gc in checkpointing:
