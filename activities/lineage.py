@@ -37,25 +37,9 @@ def code_version() -> str:
 
 
 def hardware() -> dict:
-    """The machine an activity runs on (imports torch: call it from GPU-side code only)."""
-    import torch
+    """The machine an activity runs on, for manifests (imports torch: GPU-side code only)."""
+    from runtime.hardware import worker_hardware
 
-    info = {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": _cpu_count()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(
-            device="cuda",
-            gpu=props.name,
-            gpu_memory_bytes=props.total_memory,
-            compute_capability=f"{props.major}.{props.minor}",
-            cuda=torch.version.cuda,
-        )
-    else:
-        info["device"] = "cpu"
-    return info
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    keep = ("device", "gpu_name", "gpu_memory_bytes", "compute_capability", "cuda_version", "torch_version", "cpu_count")
+    report = worker_hardware().model_dump()
+    return {"platform": platform.platform(), "machine": platform.machine(), **{k: report[k] for k in keep if report.get(k)}}

@@ -80,10 +80,7 @@ def fit_verdict(
         return FitVerdict(fits=False, available_bytes=available, reason=reason)
     device = hardware.device
     dtype = "bfloat16" if device == "cuda" and hardware.bf16_supported else "float32"
-    try:
-        estimate = estimate_fn(entry, method=method.value, settings=settings, dtype=dtype, device=device)
-    except NotImplementedError as exc:  # an estimator without a model for this kind; other errors are bugs
-        return FitVerdict(fits=None, available_bytes=available, reason=f"no memory model for {entry.kind} yet ({exc})")
+    estimate = estimate_fn(entry, method=method.value, settings=settings, dtype=dtype, device=device)
     if method == Method.qlora and not hardware.bitsandbytes_usable:
         return FitVerdict(
             fits=False,
