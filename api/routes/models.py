@@ -5,18 +5,23 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Protocol
 
+from fastapi import APIRouter, HTTPException, Request
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
-
-from fastapi import APIRouter, HTTPException, Request
 
 from activities.memory_estimate import ModelShape, estimate_training_memory
 from activities.preflight import USABLE_GPU, USABLE_RAM
 from api.deps import get_temporal
-from store.db import new_id
-from schemas.api_models import FitSettings, FitVerdict, HardwareInfo, ModelList, ModelView
+from schemas.api_models import (
+    FitSettings,
+    FitVerdict,
+    HardwareInfo,
+    ModelList,
+    ModelView,
+)
 from schemas.model_matrix import ModelEntry, load_matrix
 from schemas.run_spec import Method
+from store.db import new_id
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
