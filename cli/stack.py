@@ -81,6 +81,8 @@ class Stack:
                 [
                     temporal_binary(), "server", "start-dev",
                     "--ip", host, "--port", port, "--ui-port", str(settings.temporal_ui_port),
+                    "--http-port", str(settings.temporal_http_port or int(port) + 10),
+                    "--metrics-port", str(settings.temporal_metrics_port or int(port) + 11),
                     "--db-filename", str(self.home / "temporal.db"),
                     "--namespace", settings.temporal_namespace,
                     "--log-level", "warn",

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     temporal_address: str = Field("127.0.0.1:7233", description="Temporal frontend host:port.")
     temporal_namespace: str = Field("default")
     temporal_ui_port: int = Field(8233, description="Port of the Temporal UI started by `lockn-tune up`.")
+    # Fixed rather than left to the dev server, whose random picks can collide with its own --port.
+    temporal_http_port: int | None = Field(None, description="Dev server HTTP API port (default: Temporal port + 10).")
+    temporal_metrics_port: int | None = Field(None, description="Dev server metrics port (default: Temporal port + 11).")
     cpu_task_queue: str = Field("lockn-tune-cpu")
     gpu_task_queue: str = Field("lockn-tune-gpu")
 

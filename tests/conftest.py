@@ -21,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from cli.demo_data import demo_texts, write_demo_chat_dataset, write_demo_completion_dataset, write_demo_dataset  # noqa: E402
 from cli.stack import temporal_binary  # noqa: E402
+from tests.stack_process import free_port  # noqa: E402
 from schemas import search_attributes as sa  # noqa: E402
 from schemas.run_spec import RunSpec  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
@@ -37,7 +38,11 @@ async def start_dev_server() -> WorkflowEnvironment:
         dev_server_log_level="error",
         # Suggest continue-as-new after a few dozen history events, so every multi-chunk
         # run in the tests really continues as new mid-training.
-        dev_server_extra_args=["--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=60"],
+        dev_server_extra_args=[
+            "--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=60",
+            # The dev server's own random pick for this port can collide with its gRPC port.
+            "--http-port", str(free_port()),
+        ],
     )
 
 

@@ -25,8 +25,9 @@ def free_port() -> int:
 class UpProcess:
     def __init__(self, home: Path, env: dict[str, str] | None = None):
         self.home = home
-        self.env = {**os.environ, **(env or {})}
         self.api, self.temporal, self.ui = free_port(), free_port(), free_port()
+        ports = {"LOCKN_TUNE_TEMPORAL_HTTP_PORT": str(free_port()), "LOCKN_TUNE_TEMPORAL_METRICS_PORT": str(free_port())}
+        self.env = {**os.environ, **ports, **(env or {})}
         self.url = f"http://127.0.0.1:{self.api}"
         self.proc = None
 
