@@ -25,11 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.demo_setup import demo_inputs, loopback_settings  # noqa: E402
 from cli.api_client import ApiClient  # noqa: E402
-from cli.demo_data import demo_texts, write_demo_dataset  # noqa: E402
-from cli.main import demo_spec  # noqa: E402
 from schemas.run_spec import RunSpec  # noqa: E402
-from schemas.settings import Settings  # noqa: E402
 
 
 def bare_run(spec: RunSpec, out: Path) -> tuple[float, dict]:
@@ -87,20 +85,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per side; the median is reported")
     args = parser.parse_args()
 
-    from cli.stack import Stack, port_in_use
-    from worker_gpu.tiny_model import make_tiny_model
+    from cli.stack import Stack
 
     with tempfile.TemporaryDirectory(prefix="lockn-bench-") as tmp:
         tmp = Path(tmp)
-        model = make_tiny_model(tmp / "tiny-llama", demo_texts())
-        data = write_demo_dataset(tmp / "data.jsonl")
-        spec = demo_spec(model, data)
+        _, data, spec = demo_inputs(tmp)
         if args.steps:
             spec.hyperparameters.max_steps = args.steps
-        ports = [p for p in range(18400, 18500) if not port_in_use("127.0.0.1", p)][:3]
-        settings = Settings(
-            home=tmp / "home", api_port=ports[0], temporal_address=f"127.0.0.1:{ports[1]}", temporal_ui_port=ports[2]
-        )
+        settings = loopback_settings(tmp / "home", 18400)
         stack = Stack(settings)
         t0 = time.perf_counter()
         stack.start()

@@ -26,10 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.demo_setup import demo_inputs, loopback_settings  # noqa: E402
 from cli.api_client import ApiClient  # noqa: E402
-from cli.demo_data import demo_texts, write_demo_dataset  # noqa: E402
-from cli.main import demo_spec  # noqa: E402
-from schemas.settings import Settings  # noqa: E402
 from store.db import Database  # noqa: E402
 
 
@@ -57,20 +55,15 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=100, help="checkpoint_every_steps")
     args = parser.parse_args()
 
-    from cli.stack import Stack, port_in_use
-    from worker_gpu.tiny_model import make_tiny_model
+    from cli.stack import Stack
 
     with tempfile.TemporaryDirectory(prefix="lockn-resume-") as tmp:
         tmp = Path(tmp)
-        model = make_tiny_model(tmp / "tiny-llama", demo_texts())
-        data = write_demo_dataset(tmp / "data.jsonl")
-        spec = demo_spec(model, data)
+        _, _, spec = demo_inputs(tmp)
         spec.hyperparameters.max_steps = args.chunk * (args.kills + 2)
         spec.checkpoint_every_steps = args.chunk
-        ports = [p for p in range(18500, 18600) if not port_in_use("127.0.0.1", p)][:3]
-        settings = Settings(
-            home=tmp / "home", api_port=ports[0], temporal_address=f"127.0.0.1:{ports[1]}", temporal_ui_port=ports[2],
-            heartbeat_every_s=1.0, heartbeat_timeout_s=args.heartbeat_timeout, progress_every_s=0.05,
+        settings = loopback_settings(
+            tmp / "home", 18500, heartbeat_every_s=1.0, heartbeat_timeout_s=args.heartbeat_timeout, progress_every_s=0.05
         )
         stack = Stack(settings)
         t_start = time.time()

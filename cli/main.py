@@ -36,6 +36,7 @@ app.add_typer(models_app, name="models")
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+SpecArg = Annotated[Path, typer.Argument(help="Run spec (YAML or JSON).", exists=True, dir_okay=False)]
 ApiOpt = Annotated[Optional[str], typer.Option("--api", help="API address; default from LOCKN_TUNE_API_HOST/PORT.")]
 
 
@@ -181,7 +182,7 @@ def up(
 
 @app.command()
 def tune(
-    spec_file: Annotated[Path, typer.Argument(help="Run spec (YAML or JSON).", exists=True, dir_okay=False)],
+    spec_file: SpecArg,
     api: ApiOpt = None,
     no_follow: Annotated[bool, typer.Option("--no-follow", help="Submit and return.")] = False,
 ):
@@ -242,7 +243,7 @@ def print_preflight(report: dict) -> None:
 
 @app.command()
 def preflight(
-    spec_file: Annotated[Path, typer.Argument(help="Run spec (YAML or JSON).", exists=True, dir_okay=False)],
+    spec_file: SpecArg,
     api: ApiOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ):
