@@ -7,8 +7,9 @@ Every process (API, workers, CLI, `lockn-tune up`) reads the same class, so one
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,8 +17,49 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOCKN_TUNE_", extra="ignore")
 
     home: Path = Field(Path.home() / ".lockn-tune", description="State of the embedded stack lives here.")
-    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file under home.")
+
+    # Metadata DB
+    database_url: str | None = Field(
+        None,
+        description="sqlite:///path or postgresql://user:password@host:port/db (driven through asyncpg); "
+        "default: SQLite file under home.",
+    )
+    db_auto_migrate: bool = Field(True, description="Run Alembic migrations to head when a process opens the DB.")
+
+    # Artifact store
+    artifact_store: Literal["local", "s3"] = Field("local", description="Where artifacts live: local disk or S3/MinIO.")
     artifacts_dir: Path | None = Field(None, description="Local artifact store root; default: home/artifacts.")
+    s3_endpoint: str = Field("127.0.0.1:9000", description="S3/MinIO endpoint host:port.")
+    s3_bucket: str = Field("lockn-tune", description="Bucket holding every artifact; created if missing.")
+    s3_prefix: str = Field("", description="Key prefix inside the bucket, for sharing one bucket.")
+    s3_access_key: str = Field("", description="S3 access key id.")
+    s3_secret_key: SecretStr = Field(SecretStr(""), description="S3 secret key.")
+    s3_region: str | None = Field(None, description="S3 region, where the server wants one.")
+    s3_secure: bool = Field(False, description="Use HTTPS to reach the S3 endpoint.")
+    s3_part_size: int = Field(16 * 1024 * 1024, description="Multipart upload part size in bytes (at least 5 MiB).")
+
+    # Auth (OIDC bearer tokens as Auth0 issues them)
+    auth_enabled: bool = Field(False, description="Off: one local user with admin on every project (embedded).")
+    oidc_issuer: str | None = Field(None, description="Token issuer, e.g. https://your-tenant.auth0.com/")
+    oidc_audience: str | None = Field(None, description="Expected audience: the Auth0 API identifier.")
+    oidc_jwks_url: str | None = Field(None, description="JWKS address; default: <issuer>.well-known/jwks.json")
+    oidc_roles_claim: str = Field(
+        "permissions",
+        description="Claim holding project roles as 'project:<project>:<role>' strings (Auth0 RBAC 'permissions') "
+        "or a namespaced claim such as https://lockn.dev/roles.",
+    )
+    oidc_leeway_s: int = Field(30, description="Clock skew allowed on exp/nbf/iat.")
+    default_project: str = Field("default", description="Project used when a request names none.")
+
+    # Observability
+    log_json: bool = Field(False, description="JSON log lines (production) instead of key=value (terminal).")
+    log_level: str = Field("INFO")
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint, e.g. http://otel-collector:4318")
+    worker_cpu_metrics_port: int | None = Field(None, description="Prometheus port of worker_cpu (off when unset).")
+    worker_gpu_metrics_port: int | None = Field(None, description="Prometheus port of worker_gpu (off when unset).")
+    sdk_metrics_port: int | None = Field(
+        None, description="Temporal SDK metrics port for a worker (each process binds port + 0/1: cpu, gpu)."
+    )
 
     temporal_address: str = Field("127.0.0.1:7233", description="Temporal frontend host:port.")
     temporal_namespace: str = Field("default")
