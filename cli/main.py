@@ -32,6 +32,8 @@ runs_app = typer.Typer(help="List, inspect and cancel runs.", no_args_is_help=Tr
 models_app = typer.Typer(help="Local models.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(models_app, name="models")
+db_app = typer.Typer(help="The metadata database (SQLite or PostgreSQL): migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 # Piped output (scripts, logs) gets full lines rather than 80-column wrapping.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
@@ -175,7 +177,13 @@ def up(
     console.print(f"  API:         {settings.api_url}  (docs {settings.api_url}/docs)")
     console.print(f"  Temporal UI: {settings.temporal_ui_url}")
     console.print(f"  logs:        {stack.logs}")
-    console.print("  auth:        off (embedded stack: one local user)")
+    if settings.auth_enabled:
+        console.print(f"  auth:        OIDC tokens from {settings.oidc_issuer} (audience {settings.oidc_audience})")
+    else:
+        console.print("  auth:        off (embedded stack: one local user with admin on every project)")
+    console.print(f"  metadata:    {_redact(settings.db_url)}")
+    store = f"s3://{settings.s3_bucket} at {settings.s3_endpoint}" if settings.artifact_store == "s3" else settings.artifacts_root
+    console.print(f"  artifacts:   {store}")
     console.print("Ctrl-C stops it; starting it again picks up unfinished runs.")
     stack.run_forever(on_note=console.print)
 
@@ -432,6 +440,45 @@ def demo(
     finally:
         stack.stop()
     raise typer.Exit(code)
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password, for printing."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is printed as its scheme only
+        return url.split("://", 1)[0] + "://..."
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    home: Annotated[Optional[Path], typer.Option(help="State directory (default LOCKN_TUNE_HOME or ~/.lockn-tune).")] = None,
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+):
+    """Migrate the metadata DB (LOCKN_TUNE_DATABASE_URL) in place to the newest schema. Safe to
+    run while other processes start: they take turns."""
+    from store.migrate import current, upgrade
+
+    settings = _settings(home)
+    before = current(settings.db_url)
+    try:
+        upgrade(settings.db_url, revision)
+    except Exception as exc:  # noqa: BLE001 - shown to the operator with the URL it concerned
+        _fail(f"could not migrate {_redact(settings.db_url)}: {exc}")
+    console.print(f"{_redact(settings.db_url)}: {before or 'empty'} -> {current(settings.db_url)}")
+
+
+@db_app.command("current")
+def db_current(
+    home: Annotated[Optional[Path], typer.Option(help="State directory (default LOCKN_TUNE_HOME or ~/.lockn-tune).")] = None,
+):
+    """Print the schema revision the metadata DB is at, and the newest one."""
+    from store.migrate import current, head
+
+    settings = _settings(home)
+    console.print(f"{_redact(settings.db_url)}: at {current(settings.db_url) or 'empty'}, newest {head()}")
 
 
 if __name__ == "__main__":

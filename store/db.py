@@ -1,18 +1,33 @@
-"""The metadata DB: runs, run events, datasets and artifacts (SQLModel).
+"""The metadata DB: projects, runs, run events, datasets, artifacts, consents, publish targets.
 
-SQLite file in the embedded stack. The API reads it; workers write to it through the
-activities (state transitions, progress, published artifacts). These tables are not
-contracts: the API maps them to `schemas` models before they leave the process.
+SQLModel tables over SQLAlchemy's asyncio engine: a SQLite file through aiosqlite in the
+embedded stack, PostgreSQL through asyncpg in production. The schema is owned by the
+Alembic migrations in `store/migrations`; `store.migrate.upgrade` brings a database of
+either kind up to date in place before anything uses it.
+
+Two front doors to the same queries:
+- `AsyncDatabase`, awaited by the API on its event loop;
+- `Database`, a blocking wrapper for the sync activities running on worker threads (and
+  for scripts): it runs the same coroutines on a private event loop thread, so the sync
+  code never owns an asyncpg connection.
+
+These tables are not contracts: the API maps them to `schemas` models before they leave.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint, event
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlalchemy import JSON, Column, Index, UniqueConstraint, event, func, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlmodel import Field, SQLModel, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from schemas.run_spec import RunSpec
 from schemas.run_state import RunState
@@ -26,8 +41,19 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
 
+class ProjectRow(SQLModel, table=True):
+    __tablename__ = "projects"
+
+    id: str = Field(primary_key=True)  # the project's slug, as runs and tokens name it
+    display_name: str = ""
+    description: str = ""
+    created_by: str | None = None
+    created_at: float = Field(default_factory=now)
+
+
 class RunRow(SQLModel, table=True):
     __tablename__ = "runs"
+    __table_args__ = (Index("uq_runs_project_idempotency_key", "project", "idempotency_key", unique=True),)
 
     id: str = Field(primary_key=True)
     project: str = Field(index=True)
@@ -53,6 +79,9 @@ class RunRow(SQLModel, table=True):
     plan: dict | None = Field(default=None, sa_column=Column(JSON))
     dataset_snapshot: dict | None = Field(default=None, sa_column=Column(JSON))
     metrics: dict | None = Field(default=None, sa_column=Column(JSON))
+    created_by: str | None = None
+    # A client's Idempotency-Key: a retried submission finds the run it already made.
+    idempotency_key: str | None = None
 
 
 class RunEventRow(SQLModel, table=True):
@@ -65,7 +94,7 @@ class RunEventRow(SQLModel, table=True):
     # progress events from training have none.
     seq: int | None = None
     ts: float = Field(default_factory=now)
-    kind: str  # state | progress | info | warning
+    kind: str  # state | progress | info | warning | preflight
     state: str | None = None
     step: int | None = None
     message: str = ""
@@ -87,6 +116,7 @@ class DatasetRow(SQLModel, table=True):
     store_key: str
     report: dict = Field(sa_column=Column(JSON, nullable=False))
     created_at: float = Field(default_factory=now)
+    created_by: str | None = None
 
 
 class ArtifactRow(SQLModel, table=True):
@@ -103,26 +133,137 @@ class ArtifactRow(SQLModel, table=True):
     created_at: float = Field(default_factory=now)
 
 
-class Database:
-    """Sessions over one engine, with the few queries the service needs."""
+class ConsentRow(SQLModel, table=True):
+    """A speaker's recorded consent to have their voice cloned in a project."""
+
+    __tablename__ = "consents"
+
+    id: str = Field(primary_key=True)
+    project: str = Field(index=True)
+    speaker: str
+    statement: str  # what the speaker agreed to, in their words or the form's
+    evidence_sha256: str | None = None  # e.g. the recording of the speaker reading the statement
+    recorded_by: str | None = None
+    created_at: float = Field(default_factory=now)
+    revoked_at: float | None = None
+    revoked_by: str | None = None
+
+
+class PublishTargetRow(SQLModel, table=True):
+    """Where a project's finished adapters may be published (Ollama, an S3 bucket, a registry)."""
+
+    __tablename__ = "publish_targets"
+    __table_args__ = (UniqueConstraint("project", "name", name="uq_publish_targets_project_name"),)
+
+    id: str = Field(primary_key=True)
+    project: str = Field(index=True)
+    name: str
+    kind: str
+    config: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_by: str | None = None
+    created_at: float = Field(default_factory=now)
+
+
+def async_url(url: str) -> str:
+    """The asyncio driver URL for a database URL as users write it."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"database URL {url!r} has no scheme; use sqlite:///path or postgresql://user@host/db")
+    base = scheme.split("+", 1)[0]
+    if base == "sqlite":
+        return f"sqlite+aiosqlite://{rest}"
+    if base in ("postgresql", "postgres"):
+        return f"postgresql+asyncpg://{rest}"
+    raise ValueError(f"database URL {url!r}: only sqlite and postgresql are supported (LOCKN_TUNE_DATABASE_URL)")
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def make_engine(url: str) -> AsyncEngine:
+    if is_sqlite(url):
+        # API and workers share the file from several processes.
+        engine = create_async_engine(async_url(url), connect_args={"timeout": 30})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(async_url(url), pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+class AsyncDatabase:
+    """The service's queries, awaited on the caller's event loop."""
 
     def __init__(self, url: str):
         self.url = url
-        connect_args: dict[str, Any] = {}
-        if url.startswith("sqlite"):
-            # API and workers share the file from several processes and threads.
-            connect_args = {"check_same_thread": False, "timeout": 30}
-        self.engine = create_engine(url, connect_args=connect_args)
-        if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        SQLModel.metadata.create_all(self.engine)
+        self.engine = make_engine(url)
 
-    def session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+    def session(self) -> AsyncSession:
+        return AsyncSession(self.engine, expire_on_commit=False)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("select 1"))
+
+    # projects
+
+    async def ensure_project(self, project: str, created_by: str | None = None) -> ProjectRow:
+        """The project row, made on first use (runs and uploads name projects freely)."""
+        async with self.session() as s:
+            row = await s.get(ProjectRow, project)
+            if row is not None:
+                return row
+            row = ProjectRow(id=project, display_name=project, created_by=created_by)
+            s.add(row)
+            try:
+                await s.commit()
+            except IntegrityError:  # made by a concurrent request
+                await s.rollback()
+                return await s.get(ProjectRow, project)
+            return row
+
+    async def create_project(self, row: ProjectRow) -> bool:
+        """Insert a project; False when the id is taken."""
+        async with self.session() as s:
+            s.add(row)
+            try:
+                await s.commit()
+            except IntegrityError:
+                return False
+            return True
+
+    async def get_project(self, project: str) -> ProjectRow | None:
+        async with self.session() as s:
+            return await s.get(ProjectRow, project)
+
+    async def list_projects(self, only: frozenset[str] | None = None) -> list[ProjectRow]:
+        q = select(ProjectRow).order_by(ProjectRow.id)
+        if only is not None:
+            q = q.where(ProjectRow.id.in_(sorted(only)))
+        async with self.session() as s:
+            return list((await s.exec(q)).all())
+
+    async def update_project(self, project: str, **fields: Any) -> ProjectRow | None:
+        async with self.session() as s:
+            row = await s.get(ProjectRow, project)
+            if row is None:
+                return None
+            for k, v in fields.items():
+                setattr(row, k, v)
+            s.add(row)
+            await s.commit()
+            return row
 
     # runs
 
-    def create_run(self, run_id: str, spec: RunSpec) -> RunRow:
+    async def create_run(
+        self, run_id: str, spec: RunSpec, created_by: str | None = None, idempotency_key: str | None = None
+    ) -> tuple[RunRow, bool]:
+        """Insert a run and its first event. With an idempotency key already used in the
+        project, return that run instead: (row, created)."""
+        await self.ensure_project(spec.project, created_by)
         row = RunRow(
             id=run_id,
             project=spec.project,
@@ -133,101 +274,256 @@ class Database:
             dataset=spec.dataset,
             spec=spec.model_dump(mode="json"),
             spec_sha256=spec.sha256(),
+            created_by=created_by,
+            idempotency_key=idempotency_key,
         )
-        with self.session() as s:
+        async with self.session() as s:
             s.add(row)
             s.add(RunEventRow(run_id=run_id, seq=0, kind="state", state=RunState.queued.value, message="run created"))
-            s.commit()
-        return row
+            try:
+                await s.commit()
+            except IntegrityError:
+                if idempotency_key is None:
+                    raise
+                await s.rollback()
+                existing = await self.run_by_idempotency_key(spec.project, idempotency_key)
+                if existing is None:
+                    raise
+                return existing, False
+        return row, True
 
-    def get_run(self, run_id: str) -> RunRow | None:
-        with self.session() as s:
-            return s.get(RunRow, run_id)
+    async def run_by_idempotency_key(self, project: str, key: str) -> RunRow | None:
+        q = select(RunRow).where(RunRow.project == project, RunRow.idempotency_key == key)
+        async with self.session() as s:
+            return (await s.exec(q)).first()
 
-    def list_runs(self, project: str | None = None, state: str | None = None, limit: int = 100) -> list[RunRow]:
-        q = select(RunRow).order_by(RunRow.created_at.desc()).limit(limit)
+    async def get_run(self, run_id: str) -> RunRow | None:
+        async with self.session() as s:
+            return await s.get(RunRow, run_id)
+
+    async def list_runs(
+        self,
+        project: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        projects: frozenset[str] | None = None,
+    ) -> list[RunRow]:
+        """Newest first. `projects` limits the answer to those the caller may see."""
+        q = select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id).limit(limit)
         if project:
             q = q.where(RunRow.project == project)
+        if projects is not None:
+            q = q.where(RunRow.project.in_(sorted(projects)))
         if state:
             q = q.where(RunRow.state == state)
-        with self.session() as s:
-            return list(s.exec(q))
+        async with self.session() as s:
+            return list((await s.exec(q)).all())
 
-    def update_run(self, run_id: str, **fields: Any) -> None:
-        with self.session() as s:
-            row = s.get(RunRow, run_id)
+    async def run_counts_by_state(self) -> dict[str, int]:
+        q = select(RunRow.state, func.count()).group_by(RunRow.state)
+        async with self.session() as s:
+            return {state: n for state, n in (await s.exec(q)).all()}
+
+    async def update_run(self, run_id: str, **fields: Any) -> None:
+        async with self.session() as s:
+            row = await s.get(RunRow, run_id)
             if row is None:
                 return
             for k, v in fields.items():
                 setattr(row, k, v)
             row.updated_at = now()
             s.add(row)
-            s.commit()
+            await s.commit()
 
-    def record_state(self, run_id: str, seq: int, state: RunState, message: str, data: dict, **fields: Any) -> bool:
+    async def record_state(
+        self, run_id: str, seq: int, state: RunState, message: str, data: dict, **fields: Any
+    ) -> bool:
         """Record a workflow state transition once; a retried call with the same seq is a no-op."""
-        with self.session() as s:
-            seen = s.exec(select(RunEventRow).where(RunEventRow.run_id == run_id, RunEventRow.seq == seq)).first()
+        async with self.session() as s:
+            seen = (await s.exec(select(RunEventRow).where(RunEventRow.run_id == run_id, RunEventRow.seq == seq))).first()
             if seen is not None:
                 return False
             s.add(RunEventRow(run_id=run_id, seq=seq, kind="state", state=state.value, message=message, data=data))
-            row = s.get(RunRow, run_id)
+            row = await s.get(RunRow, run_id)
             if row is not None:
                 row.state = state.value
                 row.updated_at = now()
                 for k, v in fields.items():
                     setattr(row, k, v)
                 s.add(row)
-            s.commit()
+            try:
+                await s.commit()
+            except IntegrityError:  # the same seq recorded concurrently by a retried activity
+                return False
             return True
 
-    def record_progress(self, run_id: str, step: int, total_steps: int, loss: float | None, data: dict) -> None:
-        with self.session() as s:
+    async def record_progress(self, run_id: str, step: int, total_steps: int, loss: float | None, data: dict) -> None:
+        async with self.session() as s:
             s.add(RunEventRow(run_id=run_id, kind="progress", step=step, message="", data=data))
-            row = s.get(RunRow, run_id)
+            row = await s.get(RunRow, run_id)
             if row is not None:
                 row.step, row.total_steps, row.loss, row.updated_at = step, total_steps, loss, now()
                 s.add(row)
-            s.commit()
+            await s.commit()
 
-    def add_event(self, run_id: str, kind: str, message: str, data: dict | None = None) -> None:
-        with self.session() as s:
+    async def add_event(self, run_id: str, kind: str, message: str, data: dict | None = None) -> None:
+        async with self.session() as s:
             s.add(RunEventRow(run_id=run_id, kind=kind, message=message, data=data or {}))
-            s.commit()
+            await s.commit()
 
-    def events(self, run_id: str, after_id: int = 0, limit: int = 1000) -> list[RunEventRow]:
+    async def events(self, run_id: str, after_id: int = 0, limit: int = 1000, kind: str | None = None) -> list[RunEventRow]:
         q = (
             select(RunEventRow)
             .where(RunEventRow.run_id == run_id, RunEventRow.id > after_id)
             .order_by(RunEventRow.id)
             .limit(limit)
         )
-        with self.session() as s:
-            return list(s.exec(q))
+        if kind:
+            q = q.where(RunEventRow.kind == kind)
+        async with self.session() as s:
+            return list((await s.exec(q)).all())
 
     # datasets
 
-    def add_dataset(self, row: DatasetRow) -> DatasetRow:
-        with self.session() as s:
+    async def add_dataset(self, row: DatasetRow) -> DatasetRow:
+        await self.ensure_project(row.project, row.created_by)
+        async with self.session() as s:
             s.add(row)
-            s.commit()
+            await s.commit()
         return row
 
-    def get_dataset(self, dataset_id: str) -> DatasetRow | None:
-        with self.session() as s:
-            return s.get(DatasetRow, dataset_id)
+    async def get_dataset(self, dataset_id: str) -> DatasetRow | None:
+        async with self.session() as s:
+            return await s.get(DatasetRow, dataset_id)
 
     # artifacts
 
-    def add_artifact(self, row: ArtifactRow) -> None:
-        with self.session() as s:
-            if s.get(ArtifactRow, row.id) is None:
+    async def add_artifact(self, row: ArtifactRow) -> None:
+        async with self.session() as s:
+            if await s.get(ArtifactRow, row.id) is None:
                 s.add(row)
-                s.commit()
+                try:
+                    await s.commit()
+                except IntegrityError:  # recorded by a concurrent retry
+                    pass
 
-    def artifacts(self, run_id: str) -> list[ArtifactRow]:
-        with self.session() as s:
-            return list(s.exec(select(ArtifactRow).where(ArtifactRow.run_id == run_id).order_by(ArtifactRow.created_at)))
+    async def artifacts(self, run_id: str) -> list[ArtifactRow]:
+        q = select(ArtifactRow).where(ArtifactRow.run_id == run_id).order_by(ArtifactRow.created_at)
+        async with self.session() as s:
+            return list((await s.exec(q)).all())
+
+    async def get_artifact(self, artifact_id: str) -> ArtifactRow | None:
+        async with self.session() as s:
+            return await s.get(ArtifactRow, artifact_id)
+
+    # consents
+
+    async def add_consent(self, row: ConsentRow) -> ConsentRow:
+        await self.ensure_project(row.project, row.recorded_by)
+        async with self.session() as s:
+            s.add(row)
+            await s.commit()
+        return row
+
+    async def consents(self, project: str, include_revoked: bool = True) -> list[ConsentRow]:
+        q = select(ConsentRow).where(ConsentRow.project == project).order_by(ConsentRow.created_at)
+        if not include_revoked:
+            q = q.where(ConsentRow.revoked_at.is_(None))
+        async with self.session() as s:
+            return list((await s.exec(q)).all())
+
+    async def get_consent(self, consent_id: str) -> ConsentRow | None:
+        async with self.session() as s:
+            return await s.get(ConsentRow, consent_id)
+
+    async def revoke_consent(self, consent_id: str, by: str | None) -> ConsentRow | None:
+        async with self.session() as s:
+            row = await s.get(ConsentRow, consent_id)
+            if row is None:
+                return None
+            if row.revoked_at is None:
+                row.revoked_at, row.revoked_by = now(), by
+                s.add(row)
+                await s.commit()
+            return row
+
+    # publish targets
+
+    async def add_publish_target(self, row: PublishTargetRow) -> bool:
+        """Insert a target; False when the project already has one with that name."""
+        await self.ensure_project(row.project, row.created_by)
+        async with self.session() as s:
+            s.add(row)
+            try:
+                await s.commit()
+            except IntegrityError:
+                return False
+            return True
+
+    async def publish_targets(self, project: str) -> list[PublishTargetRow]:
+        q = select(PublishTargetRow).where(PublishTargetRow.project == project).order_by(PublishTargetRow.name)
+        async with self.session() as s:
+            return list((await s.exec(q)).all())
+
+    async def get_publish_target(self, target_id: str) -> PublishTargetRow | None:
+        async with self.session() as s:
+            return await s.get(PublishTargetRow, target_id)
+
+    async def delete_publish_target(self, target_id: str) -> bool:
+        async with self.session() as s:
+            row = await s.get(PublishTargetRow, target_id)
+            if row is None:
+                return False
+            await s.delete(row)
+            await s.commit()
+            return True
+
+
+class Database:
+    """Blocking access for sync code (activities on worker threads, scripts, tests).
+
+    Every `AsyncDatabase` query is available under the same name; each call runs on this
+    object's own event loop thread and waits for the answer. Opening one migrates the
+    database to the newest schema first, unless told not to.
+    """
+
+    def __init__(self, url: str, migrate: bool = True):
+        if migrate:
+            from store.migrate import upgrade
+
+            upgrade(url)
+        self.url = url
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="lockn-tune-db", daemon=True)
+        self._thread.start()
+        self.aio = self._run(_make_async(url))
+
+    def _run(self, coro: Awaitable):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(AsyncDatabase, name, None)
+        if method is None or not asyncio.iscoroutinefunction(method):
+            raise AttributeError(name)
+        bound = getattr(self.aio, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._run(bound(*args, **kwargs))
+
+        call.__doc__ = method.__doc__
+        return call
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self.aio.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+async def _make_async(url: str) -> AsyncDatabase:
+    return AsyncDatabase(url)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -21,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from cli.demo_data import demo_texts, write_demo_chat_dataset, write_demo_completion_dataset, write_demo_dataset  # noqa: E402
 from cli.stack import temporal_binary  # noqa: E402
+from tests.postgres_server import PostgresServer  # noqa: E402
 from tests.stack_process import free_port  # noqa: E402
 from schemas import search_attributes as sa  # noqa: E402
 from schemas.run_spec import RunSpec  # noqa: E402
@@ -71,6 +72,14 @@ async def temporal_env():
     env = await start_dev_server()
     yield env
     await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on loopback for the session; `.new_database()` per test."""
+    server = PostgresServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
