@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOME_DIR ?= $(CURDIR)/.lockn-tune
 
-.PHONY: install demo up test bench clean
+.PHONY: install system-deps demo up test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,16 @@ demo: $(STAMP)
 up: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lockn-tune up --home $(HOME_DIR)
 
-test: $(STAMP)
+# The tests run against a real PostgreSQL server (Debian's package; the tests start a
+# throwaway cluster on loopback themselves, so the package's own cluster is not created).
+system-deps:
+	@if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  mkdir -p /etc/postgresql-common && echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	else echo "PostgreSQL is needed for the tests: sudo apt-get install postgresql" >&2; exit 1; fi
+
+test: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(STAMP)

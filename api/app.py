@@ -8,24 +8,46 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+import structlog
+from fastapi import Depends, FastAPI, Request, Response
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.trace import TracerProvider
 
+from api.auth import current_principal
 from api.body_limit import BodyLimitMiddleware
-from api.routes import datasets, health, models, preflight, runs
+from api.routes import artifacts, datasets, health, models, preflight, projects, runs
+from runtime import metrics
+from runtime.logs import configure_logging
+from runtime.telemetry import configure_tracing
 from schemas.settings import Settings
 from store.artifacts import open_store
-from store.db import Database
+from store.db import AsyncDatabase
+from store.migrate import upgrade
+
+log = structlog.get_logger(__name__)
 
 JSON_BODY_LIMIT = 1024 * 1024
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """The API. tracer_provider defaults to this process's global one (exporting to
+    LOCKN_TUNE_OTLP_ENDPOINT when set); tests pass their own."""
     settings = settings or Settings()
+    configure_logging("api", settings)
+    tracer_provider = tracer_provider or configure_tracing("api", settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if not settings.auth_enabled:
+            log.warning(
+                "api.auth_off",
+                message="auth is off: every caller is the local user with admin on every project. "
+                "Set LOCKN_TUNE_AUTH_ENABLED=true with LOCKN_TUNE_OIDC_ISSUER and LOCKN_TUNE_OIDC_AUDIENCE "
+                "before exposing this API beyond this machine.",
+            )
         yield
-        app.state.db.engine.dispose()
+        await app.state.db.close()
+        tracer_provider.force_flush()
 
     app = FastAPI(
         title="LockN Tune",
@@ -35,18 +57,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     settings.home.mkdir(parents=True, exist_ok=True)
     app.state.settings = settings
-    app.state.db = Database(settings.db_url)
+    if settings.db_auto_migrate:
+        upgrade(settings.db_url)
+    app.state.db = AsyncDatabase(settings.db_url)
     app.state.store = open_store(settings)
     app.state.temporal = None
     app.state.temporal_lock = asyncio.Lock()
+    app.state.tracer_provider = tracer_provider
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=JSON_BODY_LIMIT,
         limits={"/v1/datasets": settings.max_upload_bytes},
     )
+    app.add_middleware(metrics.HttpRequestMetrics)  # outside the body limit, so 413s count too
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider, excluded_urls="/metrics$")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(request: Request) -> Response:
+        """Prometheus scrape: request durations, runs by state (read from the DB now), process metrics."""
+        try:
+            metrics.set_run_counts(await request.app.state.db.run_counts_by_state())
+        except Exception as exc:  # a DB outage must not hide the API's own metrics
+            log.warning("metrics.run_counts_failed", error=str(exc))
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     app.include_router(health.router)
     app.include_router(runs.router)
     app.include_router(datasets.router)
-    app.include_router(models.router)
+    app.include_router(artifacts.router)
+    app.include_router(projects.router)
+    # Any signed-in caller may read the model matrix; it holds nothing of any project.
+    app.include_router(models.router, dependencies=[Depends(current_principal)])
     app.include_router(preflight.router)
     return app

@@ -7,17 +7,18 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from temporalio.client import Client
 
+from api.auth import Principal, PrincipalDep, Role  # noqa: F401 - re-exported for the routes
 from runtime.temporal import connect
 from schemas.settings import Settings
 from store.artifacts import ArtifactStore
-from store.db import Database
+from store.db import AsyncDatabase
 
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_db(request: Request) -> Database:
+def get_db(request: Request) -> AsyncDatabase:
     return request.app.state.db
 
 
@@ -43,6 +44,6 @@ async def get_temporal(request: Request) -> Client:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-DbDep = Annotated[Database, Depends(get_db)]
+DbDep = Annotated[AsyncDatabase, Depends(get_db)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]

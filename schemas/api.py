@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from schemas.run_spec import SLUG
 from schemas.run_state import RunState
 
 
@@ -55,7 +57,7 @@ class RunList(BaseModel):
 class EventView(BaseModel):
     id: int
     ts: float
-    kind: str = Field(description="state | progress | info | warning")
+    kind: str = Field(description="state | progress | info | warning | preflight")
     state: str | None
     step: int | None
     message: str
@@ -80,3 +82,98 @@ class Health(BaseModel):
     status: str
     database: str
     temporal: str
+
+
+class ArtifactDetail(ArtifactView):
+    id: str
+    run_id: str
+    project: str
+    created_at: float
+
+
+class ProjectCreate(BaseModel):
+    id: str = Field(pattern=SLUG, description="Project slug: runs, datasets and token roles name it.")
+    display_name: str = Field("", max_length=200)
+    description: str = Field("", max_length=2000)
+
+
+class ProjectUpdate(BaseModel):
+    display_name: str | None = Field(None, max_length=200)
+    description: str | None = Field(None, max_length=2000)
+
+
+class ProjectView(BaseModel):
+    id: str
+    display_name: str
+    description: str
+    created_by: str | None
+    created_at: float
+    your_role: str | None = Field(None, description="The caller's role in this project: viewer, operator or admin.")
+
+
+class ProjectList(BaseModel):
+    projects: list[ProjectView]
+
+
+class ConsentCreate(BaseModel):
+    speaker: str = Field(min_length=1, max_length=200, description="The person whose voice may be cloned.")
+    statement: str = Field(
+        min_length=10, max_length=5000, description="What the speaker agreed to: which voice, what use, how long."
+    )
+    evidence_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="sha256 of the evidence, e.g. the speaker reading the statement."
+    )
+
+
+class ConsentView(BaseModel):
+    id: str
+    project: str
+    speaker: str
+    statement: str
+    evidence_sha256: str | None
+    recorded_by: str | None
+    created_at: float
+    revoked_at: float | None
+    revoked_by: str | None
+    active: bool
+
+
+class ConsentList(BaseModel):
+    consents: list[ConsentView]
+
+
+class PublishTargetKind(str, Enum):
+    ollama = "ollama"
+    s3 = "s3"
+    huggingface = "huggingface"
+    directory = "directory"
+
+
+class PublishTargetCreate(BaseModel):
+    name: str = Field(pattern=SLUG, description="Name runs use to publish here.")
+    kind: PublishTargetKind
+    config: dict[str, str | int | bool] = Field(
+        default_factory=dict,
+        description="Where, e.g. {'endpoint': 'http://ollama:11434'} or {'bucket': 'models'}. No secrets: "
+        "credentials come from the publishing worker's environment.",
+    )
+
+
+class PublishTargetView(BaseModel):
+    id: str
+    project: str
+    name: str
+    kind: PublishTargetKind
+    config: dict[str, Any]
+    created_by: str | None
+    created_at: float
+
+
+class PublishTargetList(BaseModel):
+    targets: list[PublishTargetView]
+
+
+class WhoAmI(BaseModel):
+    subject: str
+    auth_enabled: bool
+    roles: dict[str, str] = Field(description="Project → role; '*' means every project.")

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from activities.dataset_rows import read_dataset
 from api.body_limit import BodyTooLarge
-from api.deps import DbDep, SettingsDep, StoreDep
+from api.deps import DbDep, PrincipalDep, Role, SettingsDep, StoreDep
 from schemas.api import DatasetView
 from schemas.run_spec import SLUG
 from store.db import DatasetRow, new_id
@@ -63,11 +63,13 @@ async def upload_dataset(
     settings: SettingsDep,
     db: DbDep,
     store: StoreDep,
+    principal: PrincipalDep,
     project: str = Query("default", pattern=SLUG, description="Project the dataset belongs to."),
     name: str | None = Query(None, max_length=200, description="Display name; defaults to the file name."),
 ) -> DatasetView:
     """Upload a JSONL dataset (chat, instruction or completion rows). It is validated row by
-    row; a dataset that is mostly bad is refused with its report (422)."""
+    row; a dataset that is mostly bad is refused with its report (422). Needs operator on the project."""
+    principal.require(project, Role.operator, f"project {project!r}")
     tmpdir = settings.home / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=tmpdir, suffix=".jsonl")
@@ -102,16 +104,19 @@ async def upload_dataset(
             bad_rows=report.bad_rows,
             store_key=key,
             report=report.model_dump(mode="json"),
+            created_by=principal.subject,
         )
-        db.add_dataset(row)
+        await db.add_dataset(row)
         return to_view(row)
     finally:
         path.unlink(missing_ok=True)
 
 
 @router.get("/{dataset_id}", response_model=DatasetView)
-def get_dataset(dataset_id: str, db: DbDep) -> DatasetView:
-    row = db.get_dataset(dataset_id)
+async def get_dataset(dataset_id: str, db: DbDep, principal: PrincipalDep) -> DatasetView:
+    """A dataset's metadata and validation report (viewer of its project)."""
+    row = await db.get_dataset(dataset_id)
     if row is None:
         raise HTTPException(404, f"dataset {dataset_id!r} not found")
+    principal.require(row.project, Role.viewer, f"dataset {dataset_id!r}")
     return to_view(row)

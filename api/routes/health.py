@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
-
 from api.deps import DbDep
 from runtime.temporal import connect
 from schemas.api import Health
@@ -17,8 +15,7 @@ router = APIRouter(tags=["health"])
 async def healthz(request: Request, db: DbDep):
     """200 when the database and Temporal answer; 503 with what is down otherwise."""
     try:
-        with db.engine.connect() as conn:
-            conn.execute(text("select 1"))
+        await db.ping()
         database = "ok"
     except Exception as exc:
         database = f"error: {exc}"

@@ -8,7 +8,8 @@ from fastapi import APIRouter, HTTPException
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
-from api.deps import DbDep, SettingsDep, TemporalDep
+from api.deps import DbDep, PrincipalDep, Role, SettingsDep, TemporalDep
+from api.routes.runs import check_dataset
 from schemas.preflight import PreflightInput, PreflightReport
 from schemas.run_spec import RunSpec
 from store.db import new_id
@@ -17,12 +18,14 @@ router = APIRouter(prefix="/v1/preflight", tags=["preflight"])
 
 
 @router.post("", response_model=PreflightReport)
-async def preflight(spec: RunSpec, settings: SettingsDep, db: DbDep, client: TemporalDep) -> PreflightReport:
+async def preflight(
+    spec: RunSpec, settings: SettingsDep, db: DbDep, client: TemporalDep, principal: PrincipalDep
+) -> PreflightReport:
     """Check a spec against the training worker's hardware and the data: the plan, memory
     estimate, rendered samples, token lengths, every default with why — or what to change
-    (`ok: false` with `errors`). Nothing is trained."""
-    if spec.dataset.startswith("ds_") and db.get_dataset(spec.dataset) is None:
-        raise HTTPException(422, f"dataset {spec.dataset!r} not found; upload it with POST /v1/datasets first")
+    (`ok: false` with `errors`). Nothing is trained. Needs operator on the spec's project."""
+    principal.require(spec.project, Role.operator, f"project {spec.project!r}")
+    await check_dataset(db, settings, principal, spec)
     try:
         return await client.execute_workflow(
             "PreflightLLM",

@@ -6,45 +6,70 @@ import asyncio
 import json
 
 import structlog
-from fastapi import APIRouter, Header, HTTPException, Query
+from fastapi import APIRouter, Header, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from api.deps import DbDep, SettingsDep, TemporalDep
+from api.deps import DbDep, PrincipalDep, Role, SettingsDep, TemporalDep
 from schemas import search_attributes as sa
 from schemas.activities import RunInput
-from schemas.api import ArtifactView, EventView, RunList, RunView
+from schemas.api import ArtifactDetail, ArtifactView, EventView, RunList, RunView
 from schemas.preflight import PreflightReport
 from schemas.run_spec import RunSpec
 from schemas.run_state import RunState, RunStatus
 from schemas.settings import Settings
-from store.db import Database, RunRow, new_id
+from store.db import AsyncDatabase, RunRow, new_id
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 log = structlog.get_logger(__name__)
 
 
-def to_view(row: RunRow, settings: Settings, db: Database | None = None) -> RunView:
+def to_view(row: RunRow, settings: Settings, artifacts: list | None = None) -> RunView:
     progress = min(1.0, row.step / row.total_steps) if row.total_steps else 0.0
     if row.state == RunState.succeeded.value:
         progress = 1.0
-    artifacts = [ArtifactView(**a.model_dump()) for a in db.artifacts(row.id)] if db else []
     return RunView(
         **row.model_dump(),
         progress=round(progress, 4),
         temporal_ui_url=settings.run_ui_url(row.id),
-        artifacts=artifacts,
+        artifacts=[ArtifactView(**a.model_dump()) for a in artifacts or []],
     )
 
 
-def _get(db: Database, run_id: str) -> RunRow:
-    row = db.get_run(run_id)
+async def full_view(db: AsyncDatabase, row: RunRow, settings: Settings) -> RunView:
+    return to_view(row, settings, await db.artifacts(row.id))
+
+
+async def get_visible_run(db: AsyncDatabase, principal, run_id: str, role: Role = Role.viewer) -> RunRow:
+    """The run, if the caller holds `role` in its project. A run in a project the caller has
+    no role in is 'not found', exactly like a run that does not exist."""
+    row = await db.get_run(run_id)
     if row is None:
         raise HTTPException(404, f"run {run_id!r} not found")
+    principal.require(row.project, role, f"run {run_id!r}")
     return row
+
+
+async def check_dataset(db: AsyncDatabase, settings: Settings, principal, spec: RunSpec) -> None:
+    """The spec's dataset must be one the caller may use: an uploaded dataset of the same
+    project, or (embedded stack only) a file on this machine."""
+    if spec.dataset.startswith("ds_"):
+        ds = await db.get_dataset(spec.dataset)
+        if ds is None or ds.project != spec.project or not principal.can(ds.project, Role.viewer):
+            raise HTTPException(
+                422,
+                f"dataset {spec.dataset!r} not found in project {spec.project!r}; "
+                "upload it with POST /v1/datasets?project=" + spec.project,
+            )
+    elif settings.auth_enabled:
+        raise HTTPException(
+            422,
+            f"dataset {spec.dataset!r}: with auth on, a run names an uploaded dataset by id (ds_...), not a path "
+            "on the server; upload it with POST /v1/datasets first",
+        )
 
 
 async def start_run_workflow(client: Client, settings: Settings, run_id: str, spec: RunSpec):
@@ -71,59 +96,90 @@ async def start_run_workflow(client: Client, settings: Settings, run_id: str, sp
     )
 
 
-@router.post("", status_code=201, response_model=RunView)
-async def create_run(spec: RunSpec, settings: SettingsDep, db: DbDep, client: TemporalDep) -> RunView:
-    """Start a tuning run. The body is the run spec; every field but base_model and dataset has a default."""
-    if spec.dataset.startswith("ds_") and db.get_dataset(spec.dataset) is None:
-        raise HTTPException(422, f"dataset {spec.dataset!r} not found; upload it with POST /v1/datasets first")
+@router.post("", status_code=201, response_model=RunView, responses={200: {"model": RunView}})
+async def create_run(
+    spec: RunSpec,
+    response: Response,
+    settings: SettingsDep,
+    db: DbDep,
+    client: TemporalDep,
+    principal: PrincipalDep,
+    idempotency_key: str | None = Header(
+        None,
+        alias="Idempotency-Key",
+        max_length=200,
+        description="Retry-safe submission: a second request with the same key in the project returns the first "
+        "run (200) instead of starting another.",
+    ),
+) -> RunView:
+    """Start a tuning run (operator). The body is the run spec; every field but base_model and
+    dataset has a default."""
+    principal.require(spec.project, Role.operator, f"project {spec.project!r}")
+    await check_dataset(db, settings, principal, spec)
     run_id = new_id("run")
-    row = await run_in_threadpool(db.create_run, run_id, spec)
+    row, created = await db.create_run(run_id, spec, created_by=principal.subject, idempotency_key=idempotency_key)
+    if not created:
+        if row.spec_sha256 != spec.sha256():
+            raise HTTPException(
+                409, f"Idempotency-Key {idempotency_key!r} was already used for run {row.id} with a different spec"
+            )
+        run_id = row.id
+        response.status_code = 200
+        if RunState(row.state).terminal:
+            return to_view(row, settings)
     try:
         await start_run_workflow(client, settings, run_id, spec)
+    except WorkflowAlreadyStartedError:
+        pass  # a retried submission: the run's workflow is already running
     except RPCError as exc:
         reason = f"could not start the workflow on Temporal ({exc.message}); is the stack running?"
-        db.record_state(run_id, 1, RunState.failed, reason, {}, error=reason)
+        await db.record_state(run_id, 1, RunState.failed, reason, {}, error=reason)
         raise HTTPException(503, reason) from None
-    log.info("run.started", run_id=run_id, project=spec.project, base_model=spec.base_model)
+    log.info("run.started", run_id=run_id, project=spec.project, base_model=spec.base_model, created=created)
     return to_view(row, settings)
 
 
 @router.get("", response_model=RunList)
-def list_runs(
+async def list_runs(
     settings: SettingsDep,
     db: DbDep,
+    principal: PrincipalDep,
     project: str | None = Query(None, description="Only runs of this project."),
     state: RunState | None = Query(None, description="Only runs in this state."),
     limit: int = Query(100, ge=1, le=1000),
 ) -> RunList:
-    """Runs, newest first."""
-    rows = db.list_runs(project=project, state=state.value if state else None, limit=limit)
+    """Runs of the projects the caller can see, newest first."""
+    rows = await db.list_runs(
+        project=project, state=state.value if state else None, limit=limit, projects=principal.visible_projects()
+    )
     return RunList(runs=[to_view(r, settings) for r in rows])
 
 
 @router.get("/{run_id}", response_model=RunView)
-def get_run(run_id: str, settings: SettingsDep, db: DbDep) -> RunView:
-    """State, progress, metrics (baseline and tuned eval loss) and artifacts of a run."""
-    return to_view(_get(db, run_id), settings, db)
+async def get_run(run_id: str, settings: SettingsDep, db: DbDep, principal: PrincipalDep) -> RunView:
+    """State, progress, metrics (baseline and tuned eval loss) and artifacts of a run (viewer)."""
+    return await full_view(db, await get_visible_run(db, principal, run_id), settings)
 
 
 @router.post("/{run_id}/cancel", status_code=202, response_model=RunView)
-async def cancel_run(run_id: str, settings: SettingsDep, db: DbDep, client: TemporalDep) -> RunView:
-    """Ask the run to stop. A training chunk finishes its step and checkpoints first; the run
-    then ends `cancelled`."""
-    row = _get(db, run_id)
+async def cancel_run(
+    run_id: str, settings: SettingsDep, db: DbDep, client: TemporalDep, principal: PrincipalDep
+) -> RunView:
+    """Ask the run to stop (operator). A training chunk finishes its step and checkpoints
+    first; the run then ends `cancelled`."""
+    row = await get_visible_run(db, principal, run_id, Role.operator)
     if RunState(row.state).terminal:
         raise HTTPException(409, f"run {run_id} already ended ({row.state}); nothing to cancel")
     try:
         await client.get_workflow_handle(run_id).cancel()
     except RPCError as exc:
         raise HTTPException(503, f"could not cancel on Temporal: {exc.message}") from None
-    db.add_event(run_id, "info", "cancellation requested")
-    return to_view(_get(db, run_id), settings, db)
+    await db.add_event(run_id, "info", f"cancellation requested by {principal.subject}")
+    return await full_view(db, await db.get_run(run_id), settings)
 
 
-async def _update(client: Client, db: Database, run_id: str, update: str, what: str) -> None:
-    row = _get(db, run_id)
+async def _update(client: Client, db: AsyncDatabase, principal, run_id: str, update: str, what: str) -> None:
+    row = await get_visible_run(db, principal, run_id, Role.operator)
     if RunState(row.state).terminal:
         raise HTTPException(409, f"run {run_id} already ended ({row.state}); nothing to {what}")
     try:
@@ -132,32 +188,43 @@ async def _update(client: Client, db: Database, run_id: str, update: str, what: 
         raise HTTPException(409, f"cannot {what} run {run_id}: {getattr(exc.cause, 'message', exc.cause)}") from None
     except RPCError as exc:
         raise HTTPException(503, f"could not {what} on Temporal: {exc.message}") from None
-    db.add_event(run_id, "info", f"{what} requested")
+    await db.add_event(run_id, "info", f"{what} requested by {principal.subject}")
 
 
 @router.post("/{run_id}/pause", status_code=202, response_model=RunView)
-async def pause_run(run_id: str, settings: SettingsDep, db: DbDep, client: TemporalDep) -> RunView:
-    """Pause a run: the chunk in flight finishes its step, checkpoints and frees the GPU;
-    the run waits in `paused` until resumed."""
-    await _update(client, db, run_id, "pause_run", "pause")
-    return to_view(_get(db, run_id), settings, db)
+async def pause_run(
+    run_id: str, settings: SettingsDep, db: DbDep, client: TemporalDep, principal: PrincipalDep
+) -> RunView:
+    """Pause a run (operator): the chunk in flight finishes its step, checkpoints and frees
+    the GPU; the run waits in `paused` until resumed."""
+    await _update(client, db, principal, run_id, "pause_run", "pause")
+    return await full_view(db, await db.get_run(run_id), settings)
 
 
 @router.post("/{run_id}/resume", status_code=202, response_model=RunView)
-async def resume_run(run_id: str, settings: SettingsDep, db: DbDep, client: TemporalDep) -> RunView:
-    """Resume a paused run from its newest checkpoint."""
-    await _update(client, db, run_id, "resume_run", "resume")
-    return to_view(_get(db, run_id), settings, db)
+async def resume_run(
+    run_id: str, settings: SettingsDep, db: DbDep, client: TemporalDep, principal: PrincipalDep
+) -> RunView:
+    """Resume a paused run from its newest checkpoint (operator)."""
+    await _update(client, db, principal, run_id, "resume_run", "resume")
+    return await full_view(db, await db.get_run(run_id), settings)
 
 
 @router.get("/{run_id}/preflight", response_model=PreflightReport)
-def get_preflight(run_id: str, db: DbDep) -> PreflightReport:
+async def get_preflight(run_id: str, db: DbDep, principal: PrincipalDep) -> PreflightReport:
     """The run's preflight report: plan, hardware, memory, dataset checks and every default with why."""
-    _get(db, run_id)
-    reports = [e for e in db.events(run_id) if e.kind == "preflight"]
+    row = await get_visible_run(db, principal, run_id)
+    reports = await db.events(run_id, kind="preflight")
     if not reports:
-        raise HTTPException(404, f"run {run_id} has no preflight report yet (it is {db.get_run(run_id).state})")
+        raise HTTPException(404, f"run {run_id} has no preflight report yet (it is {row.state})")
     return PreflightReport.model_validate(reports[-1].data)
+
+
+@router.get("/{run_id}/artifacts", response_model=list[ArtifactDetail])
+async def run_artifacts(run_id: str, db: DbDep, principal: PrincipalDep) -> list[ArtifactDetail]:
+    """The run's published artifacts with their lineage manifests (viewer)."""
+    row = await get_visible_run(db, principal, run_id)
+    return [ArtifactDetail(**a.model_dump(), project=row.project) for a in await db.artifacts(run_id)]
 
 
 def _sse(ev) -> str:
@@ -173,22 +240,23 @@ def _sse(ev) -> str:
 async def run_events(
     run_id: str,
     db: DbDep,
+    principal: PrincipalDep,
     follow: bool = Query(True, description="Keep the stream open until the run ends."),
     last_event_id: int = Header(0, alias="Last-Event-ID", ge=0, description="Resume after this event id."),
 ) -> StreamingResponse:
     """The run's events as server-sent events: state transitions, training progress (step,
     loss), warnings. With follow, the stream ends after the run's final state."""
-    _get(db, run_id)
+    await get_visible_run(db, principal, run_id)
 
     async def stream():
         after = last_event_id
         idle = 0
         while True:
-            events = await run_in_threadpool(db.events, run_id, after)
+            events = await db.events(run_id, after)
             for ev in events:
                 after = ev.id
                 yield _sse(ev)
-            row = await run_in_threadpool(db.get_run, run_id)
+            row = await db.get_run(run_id)
             ended = RunState(row.state).terminal
             if not follow or (ended and not events):
                 yield f"event: end\ndata: {json.dumps({'state': row.state})}\n\n"

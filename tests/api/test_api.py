@@ -92,7 +92,8 @@ async def test_dataset_upload_refusals(api):
 
 
 async def test_run_lifecycle_over_http(api, tiny_model, datasets):
-    ds = (await api.post("/v1/datasets", files={"file": ("i.jsonl", datasets["instruction"].read_bytes())})).json()
+    ds = (await api.post("/v1/datasets", files={"file": ("i.jsonl", datasets["instruction"].read_bytes())},
+                         params={"project": "tests"})).json()
     spec = small_spec(tiny_model, ds["id"]).model_dump(mode="json")
     r = await api.post("/v1/runs", json=spec)
     assert r.status_code == 201, r.text
@@ -150,7 +151,7 @@ async def test_cancel_over_http(api, tiny_model, datasets):
     done = await wait_for(api, run["id"], lambda r: r["state"] == "cancelled")
     assert done["step"] < 1000
     events = parse_sse((await api.get(f"/v1/runs/{run['id']}/events", params={"follow": "false"})).text)
-    assert any(d.get("message") == "cancellation requested" for _, d in events)
+    assert any(d.get("message") == "cancellation requested by local" for _, d in events)
 
 
 async def test_temporal_down_gives_503_not_500(stack, tiny_model, datasets):
@@ -163,8 +164,10 @@ async def test_temporal_down_gives_503_not_500(stack, tiny_model, datasets):
 
 
 async def test_preflight_dry_run_and_the_report_stored_on_a_run(api, tiny_model, datasets):
-    ds = (await api.post("/v1/datasets", files={"file": ("i.jsonl", datasets["instruction"].read_bytes())})).json()
-    r = await api.post("/v1/preflight", json={"base_model": str(tiny_model), "dataset": ds["id"], "preset": "quick"})
+    ds = (await api.post("/v1/datasets", files={"file": ("i.jsonl", datasets["instruction"].read_bytes())},
+                         params={"project": "tests"})).json()
+    r = await api.post("/v1/preflight", json={"project": "tests", "base_model": str(tiny_model), "dataset": ds["id"],
+                                                   "preset": "quick"})
     assert r.status_code == 200, r.text
     report = r.json()
     assert report["ok"] and report["hardware"]["device"] == "cpu"
@@ -172,8 +175,8 @@ async def test_preflight_dry_run_and_the_report_stored_on_a_run(api, tiny_model,
     assert {d["field"] for d in report["defaults"]} >= {"epochs", "learning_rate", "micro_batch_size"}
     assert (await api.get("/v1/runs")).json()["runs"] == []  # a dry run starts nothing
 
-    refused = await api.post("/v1/preflight", json={"base_model": str(tiny_model), "dataset": ds["id"],
-                                                     "hyperparameters": {"max_seq_len": 16}})
+    refused = await api.post("/v1/preflight", json={"project": "tests", "base_model": str(tiny_model),
+                                                     "dataset": ds["id"], "hyperparameters": {"max_seq_len": 16}})
     assert refused.status_code == 200 and not refused.json()["ok"]
     assert "truncates 100% of rows" in refused.json()["errors"][0]
 
