@@ -15,6 +15,7 @@ from opentelemetry.trace import TracerProvider
 
 from api.auth import current_principal
 from api.body_limit import BodyLimitMiddleware
+from schemas.api import ErrorView
 from api.routes import artifacts, datasets, health, models, preflight, projects, runs
 from runtime import metrics
 from runtime.logs import configure_logging
@@ -27,6 +28,16 @@ from store.migrate import upgrade
 log = structlog.get_logger(__name__)
 
 JSON_BODY_LIMIT = 1024 * 1024
+# Every answer but success carries {"detail": ...}: a message, field errors or a report.
+ERRORS = {
+    400: {"model": ErrorView, "description": "The body could not be parsed (e.g. not UTF-8)"},
+    401: {"model": ErrorView, "description": "No valid bearer token (auth on)"},
+    403: {"model": ErrorView, "description": "Your role in the project is too low; the message names the one needed"},
+    404: {"model": ErrorView, "description": "Not found, or in a project you have no role in"},
+    409: {"model": ErrorView, "description": "Conflicts with the object's state"},
+    422: {"model": ErrorView, "description": "Invalid request: which field, where, and what to do"},
+    503: {"model": ErrorView, "description": "Temporal, the database or the identity provider is unreachable"},
+}
 
 
 def create_app(settings: Settings | None = None, tracer_provider: TracerProvider | None = None) -> FastAPI:
@@ -47,7 +58,7 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
             )
         yield
         await app.state.db.close()
-        tracer_provider.force_flush()
+        tracer_provider.force_flush(5000)  # spans still batched for the collector; a dead one must not hold up exit
 
     app = FastAPI(
         title="LockN Tune",
@@ -70,7 +81,10 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
         limits={"/v1/datasets": settings.max_upload_bytes},
     )
     app.add_middleware(metrics.HttpRequestMetrics)  # outside the body limit, so 413s count too
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider, excluded_urls="/metrics$")
+    # One span per request: no span per ASGI message (an SSE stream would make one per event).
+    FastAPIInstrumentor.instrument_app(
+        app, tracer_provider=tracer_provider, excluded_urls="/metrics$", exclude_spans=["receive", "send"]
+    )
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(request: Request) -> Response:
@@ -83,11 +97,11 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
         return Response(body, media_type=content_type)
 
     app.include_router(health.router)
-    app.include_router(runs.router)
-    app.include_router(datasets.router)
-    app.include_router(artifacts.router)
-    app.include_router(projects.router)
+    app.include_router(runs.router, responses=ERRORS)
+    app.include_router(datasets.router, responses={**ERRORS, 413: {"model": ErrorView, "description": "Upload too large"}})
+    app.include_router(artifacts.router, responses=ERRORS)
+    app.include_router(projects.router, responses=ERRORS)
     # Any signed-in caller may read the model matrix; it holds nothing of any project.
-    app.include_router(models.router, dependencies=[Depends(current_principal)])
-    app.include_router(preflight.router)
+    app.include_router(models.router, dependencies=[Depends(current_principal)], responses=ERRORS)
+    app.include_router(preflight.router, responses=ERRORS)
     return app

@@ -177,3 +177,9 @@ class WhoAmI(BaseModel):
     subject: str
     auth_enabled: bool
     roles: dict[str, str] = Field(description="Project → role; '*' means every project.")
+
+
+class ErrorView(BaseModel):
+    detail: str | list[Any] | dict[str, Any] = Field(
+        description="What was wrong and what to do: a message, field errors (with loc), or a report."
+    )
