@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from schemas.search_attributes import dev_server_flags
 from schemas.settings import Settings
 
@@ -65,6 +67,21 @@ class Service:
     log: object = field(default=None, repr=False)
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Settings as the LOCKN_TUNE_* environment variables that reproduce them."""
+    env = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[f"LOCKN_TUNE_{name.upper()}"] = str(value)
+    return env
+
+
 class Stack:
     """Start, watch (restart what dies) and stop the embedded services."""
 
@@ -103,27 +120,12 @@ class Stack:
         ]
 
     def env(self) -> dict[str, str]:
+        """The children's environment: every setting of this stack, so the API and workers
+        see exactly what the supervisor was given (database, store, auth, ports)."""
         env = dict(os.environ)
-        s = self.settings
-        env.update(
-            LOCKN_TUNE_HOME=str(s.home),
-            LOCKN_TUNE_TEMPORAL_ADDRESS=s.temporal_address,
-            LOCKN_TUNE_TEMPORAL_NAMESPACE=s.temporal_namespace,
-            LOCKN_TUNE_TEMPORAL_UI_PORT=str(s.temporal_ui_port),
-            LOCKN_TUNE_API_HOST=s.api_host,
-            LOCKN_TUNE_API_PORT=str(s.api_port),
-            LOCKN_TUNE_CPU_TASK_QUEUE=s.cpu_task_queue,
-            LOCKN_TUNE_GPU_TASK_QUEUE=s.gpu_task_queue,
-            LOCKN_TUNE_HEARTBEAT_EVERY_S=str(s.heartbeat_every_s),
-            LOCKN_TUNE_HEARTBEAT_TIMEOUT_S=str(s.heartbeat_timeout_s),
-            LOCKN_TUNE_LOG_JSON="1",
-            HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
-            PYTHONUNBUFFERED="1",
-        )
-        if s.database_url:
-            env["LOCKN_TUNE_DATABASE_URL"] = s.database_url
-        if s.artifacts_dir:
-            env["LOCKN_TUNE_ARTIFACTS_DIR"] = str(s.artifacts_dir)
+        env.update(settings_env(self.settings.model_copy(update={"log_json": True})))
+        env["HF_HUB_OFFLINE"] = env.get("HF_HUB_OFFLINE", "1")
+        env["PYTHONUNBUFFERED"] = "1"
         # Run from the source tree so `python -m api...` finds the packages either way.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
         return env

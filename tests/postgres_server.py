@@ -51,7 +51,7 @@ class PostgresServer:
         cmd = [str(self.bindir / args[0]), *args[1:]]
         return ["runuser", "-u", self.run_as, "--", *cmd] if self.run_as else cmd
 
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         if self.run_as:
             pw = pwd.getpwnam(self.run_as)
             os.chown(self.root, pw.pw_uid, pw.pw_gid)

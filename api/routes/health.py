@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+
 from api.deps import DbDep
 from runtime.temporal import connect
 from schemas.api import Health

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
 from schemas.run_spec import RunSpec
@@ -93,7 +92,7 @@ def test_upgrade_in_place_keeps_runs_and_backfills_projects(db_url):
         assert (row.state, row.step, row.project) == ("training", 7, "acme")
         assert [p.id for p in db.list_projects()] == ["acme"]
         # The new columns work on the upgraded table.
-        created, made = db.create_run("run_new", spec(), created_by="alice", idempotency_key="k1")
+        _, made = db.create_run("run_new", spec(), created_by="alice", idempotency_key="k1")
         again, made_again = db.create_run("run_other", spec(), created_by="alice", idempotency_key="k1")
         assert made and not made_again and again.id == "run_new"
     finally:
