@@ -12,11 +12,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import Heartbeater
 from activities.lineage import hardware
+from runtime import metrics
 from schemas.activities import ChunkInput, ChunkResult, EvalResult, EvalSample, EvaluateInput
 from schemas.settings import Settings
 from store.artifacts import ArtifactStore, sha256_file
@@ -25,6 +27,8 @@ from store.db import Database
 
 SAMPLES = 3
 OUT_OF_MEMORY = "OutOfMemory"
+
+log = structlog.get_logger(__name__)
 
 
 class GpuActivities:
@@ -56,6 +60,7 @@ class GpuActivities:
 
         started = time.monotonic()
         state = {"step": 0, "loss": None, "checkpoint": None}
+        metrics.training_run(inp.run_id)
         with self._workdir() as tmp:
             tmp = Path(tmp)
             with Heartbeater(self.settings.heartbeat_every_s, lambda: dict(state)):
@@ -72,16 +77,20 @@ class GpuActivities:
                 rows = self._fetch_rows(inp.snapshot.train_uri, inp.snapshot.train_sha256, tmp / "train.jsonl")
                 faults.kill_point(self.settings, "model_load")
                 recipe = LoraRecipe(inp.plan, rows, pick_device(), oom_above=faults.oom_limit(self.settings))
+                metrics.reset_gpu_peak(recipe.device)  # the peak gauge is this chunk's
                 recipe.setup(ckpt_dir if found else None)
             resumed_from = recipe.step
             if resumed_from:
                 self.db.add_event(inp.run_id, "info", f"resumed from checkpoint at step {resumed_from}")
+            log.info("chunk.training", from_step=resumed_from, until_step=inp.until_step, device=str(recipe.device))
             last_report = 0.0
 
             def after_step(step: int, loss: float) -> bool:
                 nonlocal last_report
                 faults.kill_point(self.settings, "step", step)
                 state.update(step=step, loss=loss)
+                metrics.observe_step(inp.run_id, loss, recipe.last_step_seconds, recipe.last_step_tokens)
+                metrics.observe_gpu_memory(recipe.device)
                 if time.monotonic() - last_report >= self.settings.progress_every_s or step == inp.until_step:
                     last_report = time.monotonic()
                     activity.heartbeat(dict(state))
@@ -104,15 +113,26 @@ class GpuActivities:
                         type=OUT_OF_MEMORY,
                         non_retryable=True,
                     ) from None
+                checkpoint_started = time.monotonic()
                 recipe.save_checkpoint(tmp / "out")
+                checkpoint_seconds = time.monotonic() - checkpoint_started
                 eval_loss_now = None
                 if inp.plan.spec.eval_at_checkpoints:
                     eval_rows = self._fetch_rows(inp.snapshot.eval_uri, inp.snapshot.eval_sha256, tmp / "eval.jsonl")
                     eval_loss_now, _ = eval_loss(recipe.model, eval_rows, inp.plan.micro_batch_size, recipe.device)
+                commit_started = time.monotonic()
                 ref = commit_checkpoint(
                     self.store, inp.run_id, recipe.step, tmp / "out",
                     meta={"hardware": hardware(), "resumed_from_step": resumed_from, "eval_loss": eval_loss_now},
                     before_manifest=lambda: faults.kill_point(self.settings, "checkpoint_write"),
+                )
+                # Writing plus committing; the eval in between is not checkpoint time.
+                checkpoint_seconds += time.monotonic() - commit_started
+                metrics.CHECKPOINT_COMMIT.observe(checkpoint_seconds)
+                metrics.observe_gpu_memory(recipe.device)
+                log.info(
+                    "checkpoint.committed", step=ref.step, seconds=round(checkpoint_seconds, 3),
+                    loss=recipe.losses[-1] if recipe.losses else None, eval_loss=eval_loss_now,
                 )
                 state.update(checkpoint=ref.manifest_key)
                 activity.heartbeat(dict(state))

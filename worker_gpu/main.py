@@ -2,6 +2,11 @@
 (CUDA_VISIBLE_DEVICES), or on the CPU where there is no GPU (dev and CI).
 
 Run: `python -m worker_gpu.main` (or let `lockn-tune up` start it).
+
+Metrics: LOCKN_TUNE_WORKER_GPU_METRICS_PORT serves this worker's lockn_tune_* metrics (step
+time, tokens/s, loss, checkpoint time, GPU memory) and LOCKN_TUNE_SDK_METRICS_PORT + 1 the
+Temporal SDK's temporal_* ones, both on LOCKN_TUNE_API_HOST (127.0.0.1 unless a deployment
+opens it up, e.g. 0.0.0.0 in a container).
 """
 
 from __future__ import annotations
@@ -9,16 +14,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
 import structlog
+from opentelemetry.trace import TracerProvider
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.gpu import GpuActivities
+from runtime import metrics
 from runtime.logs import configure_logging
-from runtime.temporal import connect
+from runtime.telemetry import configure_tracing
+from runtime.temporal import ActivityTelemetry, connect, sdk_runtime
 from schemas.settings import Settings
 from store.artifacts import open_store
 from store.db import Database
@@ -40,30 +50,55 @@ def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecuto
         default_heartbeat_throttle_interval=timedelta(seconds=settings.heartbeat_every_s),
         # Long enough for a chunk to finish its step and commit a checkpoint.
         graceful_shutdown_timeout=timedelta(seconds=120),
+        interceptors=[ActivityTelemetry()],
     )
+
+
+def sdk_metrics_port(settings: Settings) -> int | None:
+    """worker_cpu takes LOCKN_TUNE_SDK_METRICS_PORT, worker_gpu the port after it."""
+    return None if settings.sdk_metrics_port is None else settings.sdk_metrics_port + 1
+
+
+@asynccontextmanager
+async def running(settings: Settings, tracer_provider: TracerProvider | None = None) -> AsyncIterator[Worker]:
+    """worker_gpu polling its queue, with its metrics endpoints, until the block ends."""
+    client = await connect(
+        settings, tracer_provider=tracer_provider, runtime=sdk_runtime(settings.api_host, sdk_metrics_port(settings))
+    )
+    with (
+        metrics.serving(settings.worker_gpu_metrics_port, settings.api_host, "LOCKN_TUNE_WORKER_GPU_METRICS_PORT"),
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpu-activity") as executor,
+    ):
+        async with build_worker(client, settings, executor) as worker:
+            yield worker
 
 
 async def serve(settings: Settings) -> None:
     import torch
 
-    client = await connect(settings)
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu (no GPU found)"
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpu-activity") as executor:
-        worker = build_worker(client, settings, executor)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        log.info("worker_gpu.started", task_queue=settings.gpu_task_queue, device=device, pid=os.getpid())
-        async with worker:
-            await stop.wait()
-            log.info("worker_gpu.stopping", note="the running chunk checkpoints before exit")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with running(settings):
+        log.info(
+            "worker_gpu.started", task_queue=settings.gpu_task_queue, device=device, pid=os.getpid(),
+            metrics_port=settings.worker_gpu_metrics_port, sdk_metrics_port=sdk_metrics_port(settings),
+        )
+        await stop.wait()
+        log.info("worker_gpu.stopping", note="the running chunk checkpoints before exit")
     log.info("worker_gpu.stopped")
 
 
 def main() -> None:
-    configure_logging("worker_gpu")
-    asyncio.run(serve(Settings()))
+    settings = Settings()
+    configure_logging("worker_gpu", settings)
+    provider = configure_tracing("worker_gpu", settings)
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        provider.shutdown()  # flushes spans still batched for the collector
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,6 +74,8 @@ class LoraRecipe:
         self.epoch = 0
         self.position = 0
         self.losses: list[float] = []  # every step's loss since step 1, kept in the checkpoint
+        self.last_step_seconds = 0.0  # for step-time and tokens/s metrics
+        self.last_step_tokens = 0
         self._orders: dict[int, list[int]] = {}
         self._oom_above = oom_above  # fault injection (tests): micro-batches above this "do not fit"
 
@@ -139,6 +142,7 @@ class LoraRecipe:
 
     def train_step(self) -> float:
         """One optimizer step over micro_batch_size x grad_accum examples; returns its mean token loss."""
+        started = time.perf_counter()
         self.model.train()
         mbs = self.plan.micro_batch_size
         if self._oom_above is not None and mbs > self._oom_above:
@@ -157,6 +161,8 @@ class LoraRecipe:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.last_step_seconds = time.perf_counter() - started
+        self.last_step_tokens = sum(len(r["input_ids"]) for r in examples)
         return total / n_tokens
 
     def train(self, until_step: int, after_step: Callable[[int, float], bool]) -> None:
