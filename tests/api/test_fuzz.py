@@ -27,7 +27,7 @@ def test_openapi_fuzz_finds_no_server_errors(tmp_path):
              "--phases", "coverage,fuzzing", "--max-examples", "25", "--workers", "2", "--seed", "20261124",
              # {model_id:path} takes any string, which hypothesis builds by filtering.
              "--suppress-health-check", "filter_too_much", "--no-color"],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its report folder goes there
         )
     finally:
         stack.stop()
