@@ -22,11 +22,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from cli.demo_data import demo_texts, write_demo_chat_dataset, write_demo_completion_dataset, write_demo_dataset  # noqa: E402
 from cli.stack import temporal_binary  # noqa: E402
 from tests.postgres_server import PostgresServer  # noqa: E402
+from tests.s3_server import S3Server  # noqa: E402
 from tests.stack_process import free_port  # noqa: E402
 from schemas import search_attributes as sa  # noqa: E402
 from schemas.run_spec import RunSpec  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
-from store.artifacts import LocalArtifactStore  # noqa: E402
+from store.artifacts import ArtifactStore, open_store  # noqa: E402
 from store.db import Database  # noqa: E402
 
 
@@ -83,6 +84,33 @@ def postgres():
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on loopback for the session; `.settings(home)` gives a bucket per test."""
+    with S3Server() as server:
+        yield server
+
+
+# The two ways LockN Tune keeps its state: the embedded stack's, and a team service's.
+BACKENDS = ["sqlite+local", "postgresql+s3"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Settings overrides for one backend: a fresh PostgreSQL database and S3 bucket, or
+    the embedded defaults (SQLite file and directory under the test's home)."""
+    if request.param == "sqlite+local":
+        return lambda settings: settings
+    pg, s3 = request.getfixturevalue("postgres"), request.getfixturevalue("s3_server")
+
+    def configure(settings: Settings) -> Settings:
+        s3_settings = s3.settings(settings.home)
+        fields = {k: getattr(s3_settings, k) for k in type(s3_settings).model_fields if k.startswith("s3_") or k == "artifact_store"}
+        return settings.model_copy(update={"database_url": pg.new_database(), **fields})
+
+    return configure
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from worker_gpu.tiny_model import make_tiny_model
 
@@ -131,12 +159,29 @@ class Stack:
     client: Client
     settings: Settings
     db: Database
-    store: LocalArtifactStore
+    store: ArtifactStore
+
+
+@asynccontextmanager
+async def in_process_stack(client: Client, settings: Settings):
+    db = Database(settings.db_url)
+    try:
+        async with running_workers(client, settings):
+            yield Stack(client, settings, db, open_store(settings))
+    finally:
+        db.close()
 
 
 @pytest_asyncio.fixture
 async def stack(temporal_env, tmp_path):
-    """Workers for both queues, in this process, against the session's dev server."""
-    settings = stack_settings(tmp_path / "home")
-    async with running_workers(temporal_env.client, settings):
-        yield Stack(temporal_env.client, settings, Database(settings.db_url), LocalArtifactStore(settings.artifacts_root))
+    """Workers for both queues, in this process, against the session's dev server
+    (SQLite and the filesystem store)."""
+    async with in_process_stack(temporal_env.client, stack_settings(tmp_path / "home")) as s:
+        yield s
+
+
+@pytest_asyncio.fixture
+async def any_stack(temporal_env, tmp_path, backend):
+    """The same, once per backend: SQLite + filesystem store, and PostgreSQL + S3 store."""
+    async with in_process_stack(temporal_env.client, backend(stack_settings(tmp_path / "home"))) as s:
+        yield s

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest_asyncio
@@ -13,8 +14,8 @@ from api.app import create_app
 from tests.conftest import small_spec
 
 
-@pytest_asyncio.fixture
-async def api(stack, temporal_env):
+@asynccontextmanager
+async def api_client(stack, temporal_env):
     settings = stack.settings.model_copy(
         update={
             "temporal_address": temporal_env.client.service_client.config.target_host,
@@ -23,6 +24,19 @@ async def api(stack, temporal_env):
     )
     app = create_app(settings)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120) as client:
+        yield client
+
+
+@pytest_asyncio.fixture
+async def api(stack, temporal_env):
+    async with api_client(stack, temporal_env) as client:
+        yield client
+
+
+@pytest_asyncio.fixture
+async def any_api(any_stack, temporal_env):
+    """The API once per backend: SQLite + filesystem store, PostgreSQL + S3 store."""
+    async with api_client(any_stack, temporal_env) as client:
         yield client
 
 
@@ -91,7 +105,8 @@ async def test_dataset_upload_refusals(api):
     assert r.status_code == 413
 
 
-async def test_run_lifecycle_over_http(api, tiny_model, datasets):
+async def test_run_lifecycle_over_http(any_api, tiny_model, datasets):
+    api = any_api
     ds = (await api.post("/v1/datasets", files={"file": ("i.jsonl", datasets["instruction"].read_bytes())},
                          params={"project": "tests"})).json()
     spec = small_spec(tiny_model, ds["id"]).model_dump(mode="json")

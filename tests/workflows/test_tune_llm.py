@@ -26,9 +26,23 @@ async def run_to_end(stack, spec):
     return stack.db.get_run(run_id), handle
 
 
-async def test_lora_run_learns_and_publishes_a_loadable_adapter(stack, tiny_model, datasets):
+def adapter_dir(stack, run, tmp_path: Path) -> Path:
+    """The published adapter as a directory: where it is on a local store, downloaded from S3."""
+    if run.adapter_path:
+        return Path(run.adapter_path)
+    prefix = f"runs/{run.id}/adapter"
+    keys = stack.store.list(prefix)
+    assert keys, f"nothing published under {prefix} in {stack.store.uri(prefix)}"
+    for key in keys:
+        stack.store.get_file(key, tmp_path / "adapter" / key.removeprefix(prefix + "/"))
+    return tmp_path / "adapter"
+
+
+async def test_lora_run_learns_and_publishes_a_loadable_adapter(any_stack, tiny_model, datasets, tmp_path):
+    """The end-to-end run, on SQLite + filesystem store and on PostgreSQL + S3 store."""
     from store.checkpoints import committed_steps
 
+    stack = any_stack
     spec = small_spec(tiny_model, datasets["instruction"], keep_checkpoints=1)
     run, handle = await run_to_end(stack, spec)
 
@@ -40,7 +54,8 @@ async def test_lora_run_learns_and_publishes_a_loadable_adapter(stack, tiny_mode
     evals = [e.data["eval_loss"] for e in stack.db.events(run.id) if e.kind == "progress" and "eval_loss" in e.data]
     assert len(evals) == 3 and evals[-1] < evals[0]
 
-    adapter = Path(run.adapter_path)
+    assert run.adapter_uri.startswith("s3://" if stack.settings.artifact_store == "s3" else "file://")
+    adapter = adapter_dir(stack, run, tmp_path)
     manifest = json.loads((adapter / "lockn-manifest.json").read_text())
     assert manifest["dataset"]["sha256"] == run.dataset_snapshot["sha256"]
     assert manifest["spec_sha256"] == spec.sha256()
