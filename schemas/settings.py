@@ -49,7 +49,6 @@ class Settings(BaseSettings):
         "or a namespaced claim such as https://lockn.dev/roles.",
     )
     oidc_leeway_s: int = Field(30, description="Clock skew allowed on exp/nbf/iat.")
-    default_project: str = Field("default", description="Project used when a request names none.")
 
     # Observability
     log_json: bool = Field(False, description="JSON log lines (production) instead of key=value (terminal).")
