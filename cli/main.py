@@ -50,7 +50,8 @@ def _settings(home: Path | None = None, **overrides) -> Settings:
 
 
 def _client(api: str | None) -> ApiClient:
-    return ApiClient(api or Settings().api_url)
+    settings = Settings()
+    return ApiClient(api or settings.api_url, token=settings.api_token.get_secret_value() or None)
 
 
 def _fail(message: str, code: int = 1):

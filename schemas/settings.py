@@ -49,6 +49,7 @@ class Settings(BaseSettings):
         "or a namespaced claim such as https://lockn.dev/roles.",
     )
     oidc_leeway_s: int = Field(30, description="Clock skew allowed on exp/nbf/iat.")
+    api_token: SecretStr = Field(SecretStr(""), description="Bearer token the `lockn-tune` CLI sends when auth is on.")
 
     # Observability
     log_json: bool = Field(False, description="JSON log lines (production) instead of key=value (terminal).")
