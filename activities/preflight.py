@@ -24,6 +24,7 @@ from activities.memory_estimate import ModelShape, estimate_training_memory
 from schemas.activities import TrainingPlan
 from schemas.preflight import DatasetPreflight, Explanation, MemoryPlan, PreflightReport, RenderedSample, TokenLengths
 from schemas.run_spec import Method, ResolvedHyperparameters, RunSpec
+from store.artifacts import ArtifactCorrupt
 
 CAUSAL_LM_SUFFIX = "ForCausalLM"
 MEASURED_ROWS = 5000  # tokenize at most this many rows for statistics (a seeded sample beyond)
@@ -41,9 +42,18 @@ def resolve_dataset_path(dataset: str, db, store) -> tuple[Path, str]:
         row = db.get_dataset(dataset) if db is not None else None
         if row is None:
             raise user_error(f"dataset {dataset!r} was not found; upload it with POST /v1/datasets first")
-        path = store.local_path(row.store_key)
-        if path is None:
-            raise user_error(f"dataset {dataset!r} is not readable from this worker's artifact store")
+        try:
+            path = store.local_file(row.store_key)  # a cached download where the store is remote
+        except FileNotFoundError:
+            raise user_error(
+                f"dataset {dataset!r} ({row.name}) is missing from the artifact store at {store.uri(row.store_key)}; "
+                "upload it again with POST /v1/datasets"
+            ) from None
+        except ArtifactCorrupt as exc:
+            raise user_error(
+                f"dataset {dataset!r} ({row.name}) is corrupt in the artifact store at {exc.where}: stored with "
+                f"sha256 {exc.expected}, reads as {exc.actual}; upload it again with POST /v1/datasets"
+            ) from None
         return path, row.name
     path = Path(dataset).expanduser()
     if not path.is_file():

@@ -6,6 +6,7 @@ the checkpoint manifest, so a retry rewrites the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -13,7 +14,7 @@ from activities.errors import user_error
 from activities.lineage import code_version, package_versions
 from schemas.activities import PublishInput, PublishResult
 from schemas.run_spec import canonical_json
-from store.artifacts import ArtifactStore
+from store.artifacts import ArtifactCorrupt, ArtifactStore
 from store.db import ArtifactRow, Database
 
 MANIFEST_NAME = "lockn-manifest.json"
@@ -28,10 +29,14 @@ def publish_adapter(inp: PublishInput, db: Database, store: ArtifactStore) -> Pu
         if not rel.startswith("adapter/"):
             continue
         name = rel.removeprefix("adapter/")
-        data = store.get_bytes(f"{ckpt_prefix}/{rel}")
-        sha = store.put_bytes(f"{prefix}/{name}", data)
-        if sha != info["sha256"]:
+        try:
+            data = store.get_bytes(f"{ckpt_prefix}/{rel}")
+        except (FileNotFoundError, ArtifactCorrupt) as exc:
+            raise user_error(f"checkpoint file {rel} cannot be published: {exc}; rerun the run") from None
+        # Checked before the copy, so a corrupt file never lands in the published adapter.
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise user_error(f"checkpoint file {rel} changed since it was committed (sha256 mismatch); rerun the run")
+        sha = store.put_bytes(f"{prefix}/{name}", data)
         files[name] = {"sha256": sha, "size": len(data)}
     if "adapter_model.safetensors" not in files:
         raise user_error(f"checkpoint {inp.checkpoint.manifest_key} holds no adapter weights")
@@ -89,6 +94,7 @@ def publish_adapter(inp: PublishInput, db: Database, store: ArtifactStore) -> Pu
     }
     manifest_key = f"{prefix}/{MANIFEST_NAME}"
     manifest_sha = store.put_bytes(manifest_key, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    # A directory on this machine only where the store is local; the uri always says where it is.
     adapter_path = store.local_path(prefix)
     db.add_artifact(
         ArtifactRow(

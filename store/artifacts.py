@@ -1,9 +1,10 @@
 """The artifact store: named blobs (dataset snapshots, checkpoints, adapters, manifests).
 
 One interface, `ArtifactStore`; the local-filesystem implementation is the embedded
-default and an S3-compatible one can sit behind the same methods. Every write is atomic
-(temporary name, then rename), so a reader never sees half a file; multi-file objects
-such as checkpoints are committed by writing their manifest last.
+default and the S3-compatible one (`store/s3.py`) sits behind the same methods. Every
+write is atomic (temporary name then rename, or one S3 object), so a reader never sees
+half a file; multi-file objects such as checkpoints are committed by writing their
+manifest last.
 """
 
 from __future__ import annotations
@@ -28,6 +29,22 @@ def sha256_file(path: Path) -> str:
 
 class UnsafeKey(ValueError):
     pass
+
+
+class ArtifactCorrupt(Exception):
+    """A blob's bytes do not match the sha256 recorded when it was stored."""
+
+    def __init__(self, key: str, where: str, expected: str, actual: str):
+        self.key, self.where, self.expected, self.actual = key, where, expected, actual
+        super().__init__(
+            f"artifact {key!r} at {where} is corrupt: it was stored with sha256 {expected} but reads as {actual}; "
+            "write it again (rerun the step that produced it) or delete it"
+        )
+
+
+class ArtifactStoreError(RuntimeError):
+    """The store itself failed (unreachable, credentials refused, bucket missing), not one blob.
+    Not an OSError, so callers never mistake an outage for a missing blob."""
 
 
 def check_key(key: str) -> str:
@@ -74,6 +91,16 @@ class ArtifactStore(ABC):
     def local_path(self, key: str) -> Path | None:
         """The blob's path on this machine, where the store is local."""
         return None
+
+    def local_file(self, key: str) -> Path:
+        """A file on this machine holding the blob, for readers that need a path: the blob
+        itself where the store is local, else a verified copy in a cache. Treat it as read-only."""
+        path = self.local_path(key)
+        if path is None:
+            raise NotImplementedError(f"{type(self).__name__} must implement local_file")
+        if not path.is_file():
+            raise FileNotFoundError(f"no artifact {key!r} at {self.uri(key)}")
+        return path
 
 
 class LocalArtifactStore(ArtifactStore):
@@ -158,5 +185,9 @@ class LocalArtifactStore(ArtifactStore):
 
 
 def open_store(settings) -> ArtifactStore:
-    """The artifact store the settings name."""
+    """The artifact store the settings name: local disk, or an S3-compatible bucket."""
+    if settings.artifact_store == "s3":
+        from store.s3 import S3ArtifactStore  # minio is only needed when the store is S3
+
+        return S3ArtifactStore(settings)
     return LocalArtifactStore(settings.artifacts_root)

@@ -17,7 +17,7 @@ import structlog
 
 from schemas.activities import CheckpointRef
 from schemas.run_spec import canonical_json
-from store.artifacts import ArtifactStore, sha256_file
+from store.artifacts import ArtifactCorrupt, ArtifactStore, sha256_file
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +73,7 @@ def fetch_checkpoint(store: ArtifactStore, run_id: str, step: int, dest: Path) -
             path = store.get_file(f"{checkpoint_prefix(run_id, step)}/{rel}", Path(dest) / rel)
             if sha256_file(path) != info["sha256"]:
                 raise ValueError(f"{rel} does not match its sha256 in the manifest")
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, ArtifactCorrupt) as exc:
         log.warning("checkpoint.skipped", run_id=run_id, step=step, reason=str(exc))
         return None
     ref = CheckpointRef(manifest_key=manifest_key, step=step, manifest_sha256=hashlib.sha256(raw).hexdigest())
@@ -98,7 +98,7 @@ def prune_checkpoints(store: ArtifactStore, run_id: str, keep_last: int) -> list
     for step in steps:
         try:
             meta = json.loads(store.get_bytes(f"{checkpoint_prefix(run_id, step)}/manifest.json")).get("meta", {})
-        except (OSError, ValueError):
+        except (OSError, ValueError, ArtifactCorrupt):
             continue
         if meta.get("eval_loss") is not None:
             evals[step] = meta["eval_loss"]
