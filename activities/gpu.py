@@ -16,12 +16,13 @@ import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.errors import user_error
 from activities.heartbeat import Heartbeater
 from activities.lineage import hardware
 from runtime import metrics
 from schemas.activities import ChunkInput, ChunkResult, EvalResult, EvalSample, EvaluateInput
 from schemas.settings import Settings
-from store.artifacts import ArtifactStore, sha256_file
+from store.artifacts import ArtifactCorrupt, ArtifactStore, sha256_file
 from store.checkpoints import commit_checkpoint, fetch_checkpoint, fetch_latest_checkpoint, prune_checkpoints
 from store.db import Database
 
@@ -42,9 +43,12 @@ class GpuActivities:
     def _fetch_rows(self, key: str, sha256: str, dest: Path) -> list[dict]:
         from worker_gpu.recipe_lora import read_rows
 
-        path = self.store.get_file(key, dest)
+        try:
+            path = self.store.get_file(key, dest)
+        except ArtifactCorrupt as exc:
+            raise user_error(f"the run's dataset snapshot is damaged ({exc}); start the run again") from None
         if sha256_file(path) != sha256:
-            raise RuntimeError(f"{key} does not match the snapshot's sha256")
+            raise user_error(f"{key} does not match the snapshot's sha256; start the run again")
         return read_rows(path)
 
     @activity.defn(name="train_chunk")

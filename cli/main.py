@@ -374,7 +374,17 @@ def verify_adapter(run: dict, spec: RunSpec) -> None:
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(spec.base_model, local_files_only=True)
-    model = PeftModel.from_pretrained(base, run["adapter_path"])
+    adapter = run["adapter_path"]
+    if adapter is None:  # the artifact store is remote (S3): fetch the published files
+        import tempfile
+
+        from store.artifacts import open_store
+
+        store, prefix = open_store(Settings()), f"runs/{run['id']}/adapter"
+        adapter = tempfile.mkdtemp(prefix="lockn-adapter-")
+        for key in store.list(prefix):
+            store.get_file(key, Path(adapter) / key.removeprefix(prefix + "/"))
+    model = PeftModel.from_pretrained(base, adapter)
     tensors = sum(1 for name, _ in model.named_parameters() if "lora_" in name)
     console.print(f"  adapter loads with PeftModel.from_pretrained onto {spec.base_model} ({tensors} LoRA tensors)")
 
