@@ -51,6 +51,11 @@ class ObservedRun:
     api_metrics: str
     openapi_paths: set[str]
     worker_metrics: dict[str, str]  # worker_cpu, worker_gpu, sdk_cpu, sdk_gpu: text of each endpoint
+    before: dict[str, str]  # api, worker_cpu, worker_gpu before the run: other tests in this process count too
+
+    def grew(self, endpoint: str, name: str, **labels) -> float:
+        after = self.api_metrics if endpoint == "api" else self.worker_metrics[endpoint]
+        return (value(after, name, **labels) or 0) - (value(self.before[endpoint], name, **labels) or 0)
 
 
 def samples(text: str) -> list[tuple[str, dict, float]]:
@@ -95,6 +100,11 @@ async def observed(temporal_env, tiny_model, datasets, tmp_path_factory):
         api = await stack.enter_async_context(
             httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
         )
+        async with httpx.AsyncClient(timeout=10) as http:
+            before = {k: (await http.get(f"http://{settings.api_host}:{port}/metrics")).text
+                      for k, port in (("worker_cpu", settings.worker_cpu_metrics_port),
+                                      ("worker_gpu", settings.worker_gpu_metrics_port))}
+        before["api"] = (await api.get("/metrics")).text
         spec = small_spec(tiny_model, datasets["instruction"], hyperparameters={"max_steps": STEPS}, checkpoint_every_steps=6)
         r = await api.post("/v1/runs", json=spec.model_dump(mode="json"))
         assert r.status_code == 201, r.text
@@ -120,7 +130,7 @@ async def observed(temporal_env, tiny_model, datasets, tmp_path_factory):
         assert api_metrics.status_code == 200 and api_metrics.headers["content-type"].startswith("text/plain")
         openapi_paths = set((await api.get("/openapi.json")).json()["paths"])
     yield ObservedRun(
-        run, settings, logs.lines(), list(exporter.get_finished_spans()), api_metrics.text, openapi_paths, worker_metrics
+        run, settings, logs.lines(), list(exporter.get_finished_spans()), api_metrics.text, openapi_paths, worker_metrics, before
     )
     await app.state.db.close()
 
@@ -167,17 +177,18 @@ def test_one_trace_from_the_request_to_the_activities(observed):
 def test_worker_metrics_show_training_checkpoints_and_queue_latency(observed):
     run_id = observed.run["id"]
     gpu = observed.worker_metrics["worker_gpu"]
-    assert value(gpu, "lockn_tune_train_step_seconds_count") >= STEPS
-    assert value(gpu, "lockn_tune_train_steps_total") >= STEPS
+    assert observed.grew("worker_gpu", "lockn_tune_train_step_seconds_count") == STEPS
+    assert observed.grew("worker_gpu", "lockn_tune_train_steps_total") == STEPS
     assert value(gpu, "lockn_tune_train_loss", run_id=run_id) > 0
     assert value(gpu, "lockn_tune_train_tokens_per_second", run_id=run_id) > 0
-    assert value(gpu, "lockn_tune_checkpoint_commit_seconds_count") >= 2
+    assert observed.grew("worker_gpu", "lockn_tune_checkpoint_commit_seconds_count") == 2  # steps 6 and 12
     assert value(gpu, "lockn_tune_activity_queue_latency_seconds_count", activity="train_chunk",
-                 task_queue=observed.settings.gpu_task_queue) >= 2
-    assert value(gpu, "lockn_tune_activity_duration_seconds_count", activity="train_chunk", outcome="completed") >= 2
+                 task_queue=observed.settings.gpu_task_queue) == 2
+    assert observed.grew("worker_gpu", "lockn_tune_activity_duration_seconds_count", activity="train_chunk",
+                         outcome="completed") == 2
     cpu = observed.worker_metrics["worker_cpu"]
     assert value(cpu, "lockn_tune_activity_queue_latency_seconds_count", activity="preflight",
-                 task_queue=observed.settings.cpu_task_queue) >= 1
+                 task_queue=observed.settings.cpu_task_queue) == 1
     import torch
 
     if not torch.cuda.is_available():  # on CPU the gauge is declared but has no (made-up) samples
@@ -197,9 +208,10 @@ def test_sdk_metrics_endpoints_show_temporal_series(observed):
 
 def test_api_metrics_show_request_durations_and_runs_by_state(observed):
     text = observed.api_metrics
-    assert value(text, "lockn_tune_http_request_duration_seconds_count", method="POST", route="/v1/runs", status="201") == 1
-    assert value(text, "lockn_tune_http_request_duration_seconds_count", method="GET", route="/v1/runs/{run_id}",
-                 status="200") >= 1
+    assert observed.grew("api", "lockn_tune_http_request_duration_seconds_count", method="POST", route="/v1/runs",
+                         status="201") == 1
+    assert observed.grew("api", "lockn_tune_http_request_duration_seconds_count", method="GET",
+                         route="/v1/runs/{run_id}", status="200") >= 1
     assert value(text, "lockn_tune_runs", state="succeeded") == 1
     assert value(text, "lockn_tune_runs", state="training") == 0
     assert "/metrics" not in observed.openapi_paths and "/v1/runs" in observed.openapi_paths
