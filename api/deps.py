@@ -33,7 +33,7 @@ async def get_temporal(request: Request) -> Client:
         async with state.temporal_lock:
             if state.temporal is None:
                 try:
-                    state.temporal = await connect(state.settings)
+                    state.temporal = await connect(state.settings, tracer_provider=state.tracer_provider)
                 except Exception as exc:
                     raise HTTPException(
                         503,

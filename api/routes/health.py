@@ -22,7 +22,7 @@ async def healthz(request: Request, db: DbDep):
         database = f"error: {exc}"
     state = request.app.state
     try:
-        client = state.temporal or await connect(state.settings)
+        client = state.temporal or await connect(state.settings, tracer_provider=state.tracer_provider)
         state.temporal = client
         await client.service_client.check_health()
         temporal = "ok"
