@@ -23,14 +23,20 @@ demo: $(STAMP)
 up: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lockn-tune up --home $(HOME_DIR)
 
-# The tests run against a real PostgreSQL server (Debian's package; the tests start a
-# throwaway cluster on loopback themselves, so the package's own cluster is not created).
+# Debian packages the tests use: PostgreSQL's server (the tests start a throwaway cluster on
+# loopback themselves) and Prometheus's promtool (checks deploy/prometheus). Installed with
+# service start-up blocked, so neither package starts a server of its own.
 system-deps:
-	@if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ]; then \
-	  mkdir -p /etc/postgresql-common && echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
-	else echo "PostgreSQL is needed for the tests: sudo apt-get install postgresql" >&2; exit 1; fi
+	@missing=""; \
+	{ ls /usr/lib/postgresql/*/bin/pg_ctl || command -v pg_ctl; } >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "the tests need:$$missing (sudo apt-get install$$missing)" >&2; exit 1; fi; \
+	echo "installing Debian packages:$$missing"; \
+	mkdir -p /etc/postgresql-common && echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; \
+	blocker=""; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; blocker=1; fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	status=$$?; if [ -n "$$blocker" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$status
 
 test: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
