@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import TracerProvider
 
-from api.auth import current_principal
+from api.auth import TokenVerifier, current_principal
 from api.body_limit import BodyLimitMiddleware
 from schemas.api import ErrorView
 from api.routes import artifacts, datasets, health, models, preflight, projects, runs
@@ -68,6 +68,9 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
     )
     settings.home.mkdir(parents=True, exist_ok=True)
     app.state.settings = settings
+    if settings.auth_enabled:
+        # Refuse to start half-configured (no issuer or audience), rather than 500 on every request.
+        app.state.token_verifier = TokenVerifier(settings)
     if settings.db_auto_migrate:
         upgrade(settings.db_url)
     app.state.db = AsyncDatabase(settings.db_url)

@@ -292,7 +292,8 @@ class TokenVerifier:
         missing = [name for name in ("oidc_issuer", "oidc_audience") if not getattr(settings, name)]
         if missing:
             names = " and ".join(f"LOCKN_TUNE_{n.upper()}" for n in missing)
-            raise ValueError(f"auth is on (LOCKN_TUNE_AUTH_ENABLED) but {names} is not set; set it or turn auth off")
+            verb, it = ("are", "them") if len(missing) > 1 else ("is", "it")
+            raise ValueError(f"auth is on (LOCKN_TUNE_AUTH_ENABLED) but {names} {verb} not set; set {it} or turn auth off")
         self.issuer: str = settings.oidc_issuer
         self.audience: str = settings.oidc_audience
         self.roles_claim = settings.oidc_roles_claim

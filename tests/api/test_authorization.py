@@ -229,3 +229,10 @@ async def test_idempotent_submission_makes_one_run(world):
     other = await world.api.post("/v1/runs", json={**world.spec, "name": "different"}, headers=headers)
     assert other.status_code == 409 and "different spec" in other.json()["detail"]
     await world.api.post(f"/v1/runs/{first.json()['id']}/cancel", headers=op)
+
+
+def test_api_refuses_to_start_with_auth_half_configured(tmp_path):
+    from schemas.settings import Settings
+
+    with pytest.raises(ValueError, match="LOCKN_TUNE_OIDC_AUDIENCE is not set"):
+        create_app(Settings(home=tmp_path, auth_enabled=True, oidc_issuer="https://tenant.auth0.com/"))
