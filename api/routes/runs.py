@@ -227,6 +227,9 @@ async def run_artifacts(run_id: str, db: DbDep, principal: PrincipalDep) -> list
     return [ArtifactDetail(**a.model_dump(), project=row.project) for a in await db.artifacts(run_id)]
 
 
+EVENT_LOOKBACK = 50
+
+
 def _sse(ev) -> str:
     view = EventView(**ev.model_dump())
     return f"id: {view.id}\nevent: {view.kind}\ndata: {view.model_dump_json()}\n\n"
@@ -249,13 +252,19 @@ async def run_events(
     await get_visible_run(db, principal, run_id)
 
     async def stream():
+        # Ids come from a sequence: on PostgreSQL an event can commit after one with a higher
+        # id. Each poll looks back EVENT_LOOKBACK ids and sends what it has not sent yet.
         after = last_event_id
+        sent: set[int] = set()
         idle = 0
         while True:
-            events = await db.events(run_id, after)
+            window = await db.events(run_id, max(last_event_id, after - EVENT_LOOKBACK))
+            events = [ev for ev in window if ev.id not in sent]
             for ev in events:
-                after = ev.id
+                sent.add(ev.id)
+                after = max(after, ev.id)
                 yield _sse(ev)
+            sent = {i for i in sent if i > after - EVENT_LOOKBACK}
             row = await db.get_run(run_id)
             ended = RunState(row.state).terminal
             if not follow or (ended and not events):
