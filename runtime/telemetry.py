@@ -12,10 +12,13 @@ Tests pass their own provider (with an in-memory exporter) to `create_app` and
 
 from __future__ import annotations
 
+import secrets
+
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 
 from schemas.settings import Settings
 
@@ -37,9 +40,23 @@ def traces_url(endpoint: str) -> str:
     return endpoint if endpoint.endswith(TRACES_PATH) else endpoint + TRACES_PATH
 
 
+class OsRandomIds(IdGenerator):
+    """Span and trace ids from the OS's randomness. OTel's default draws on the `random`
+    module's shared state, which workflow activations in the same process were seen to
+    rewind: ids repeated after a continue-as-new and spans hung under the wrong parent."""
+
+    def generate_span_id(self) -> int:
+        return secrets.randbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        return secrets.randbits(128) or 1
+
+
 def tracer_provider(process: str, otlp_endpoint: str | None = None) -> TracerProvider:
     """A provider naming this process (service.name), exporting in batches to otlp_endpoint if given."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name(process)}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service_name(process)}), id_generator=OsRandomIds()
+    )
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

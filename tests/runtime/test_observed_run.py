@@ -167,6 +167,7 @@ def test_one_trace_from_the_request_to_the_activities(observed):
     assert not [s for s in observed.spans if "/metrics" in s.name]  # scrapes are not traced
     assert not [s for s in observed.spans if s.name.endswith((" http send", " http receive"))]  # one span per request
     by_id = {s.context.span_id: s for s in trace}
+    assert len(by_id) == len(trace), "span ids repeat within the trace"
     [start] = [s for s in trace if s.name == "StartWorkflow:TuneLLM"]
     assert start.parent.span_id == post.context.span_id and start.attributes["temporalWorkflowID"] == run_id
     # Each chunk's RunActivity hangs under the workflow's StartActivity, which hangs under the run.
