@@ -42,8 +42,9 @@ def traces_url(endpoint: str) -> str:
 
 class OsRandomIds(IdGenerator):
     """Span and trace ids from the OS's randomness. OTel's default draws on the `random`
-    module's shared state, which workflow activations in the same process were seen to
-    rewind: ids repeated after a continue-as-new and spans hung under the wrong parent."""
+    module's global state, which train_chunk rewinds on purpose when it restores a
+    checkpoint's RNG states (exact resume): ids then repeated, and spans hung under the
+    wrong parent."""
 
     def generate_span_id(self) -> int:
         return secrets.randbits(64) or 1
