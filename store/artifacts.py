@@ -92,15 +92,10 @@ class ArtifactStore(ABC):
         """The blob's path on this machine, where the store is local."""
         return None
 
+    @abstractmethod
     def local_file(self, key: str) -> Path:
         """A file on this machine holding the blob, for readers that need a path: the blob
         itself where the store is local, else a verified copy in a cache. Treat it as read-only."""
-        path = self.local_path(key)
-        if path is None:
-            raise NotImplementedError(f"{type(self).__name__} must implement local_file")
-        if not path.is_file():
-            raise FileNotFoundError(f"no artifact {key!r} at {self.uri(key)}")
-        return path
 
 
 class LocalArtifactStore(ArtifactStore):
@@ -182,6 +177,12 @@ class LocalArtifactStore(ArtifactStore):
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
+
+    def local_file(self, key: str) -> Path:
+        path = self._path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"no artifact {key!r} at {self.uri(key)}")
+        return path
 
 
 def open_store(settings) -> ArtifactStore:
