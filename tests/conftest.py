@@ -58,13 +58,13 @@ def stack_settings(home: Path) -> Settings:
 
 
 @asynccontextmanager
-async def running_workers(client: Client, settings: Settings):
+async def running_workers(client: Client, settings: Settings, db: Database):
     """worker_cpu and worker_gpu for the settings' queues, in this process."""
     from worker_cpu.main import build_worker as cpu_worker
     from worker_gpu.main import build_worker as gpu_worker
 
     with ThreadPoolExecutor(8) as cpu_pool, ThreadPoolExecutor(2) as gpu_pool:
-        async with cpu_worker(client, settings, cpu_pool), gpu_worker(client, settings, gpu_pool):
+        async with cpu_worker(client, settings, cpu_pool, db), gpu_worker(client, settings, gpu_pool, db):
             yield
 
 
@@ -166,7 +166,7 @@ class Stack:
 async def in_process_stack(client: Client, settings: Settings):
     db = Database(settings.db_url)
     try:
-        async with running_workers(client, settings):
+        async with running_workers(client, settings, db):
             yield Stack(client, settings, db, open_store(settings))
     finally:
         db.close()

@@ -14,7 +14,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from datetime import timedelta
 
 import structlog
@@ -36,8 +36,11 @@ from workflows.tune_llm import TuneLLM
 log = structlog.get_logger(__name__)
 
 
-def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor, task_queue: str | None = None) -> Worker:
-    activities = CpuActivities(settings, Database(settings.db_url), open_store(settings))
+def build_worker(
+    client: Client, settings: Settings, executor: ThreadPoolExecutor, db: Database, task_queue: str | None = None
+) -> Worker:
+    """The worker for settings' queue; its activities write to db (the caller closes it)."""
+    activities = CpuActivities(settings, db, open_store(settings))
     return Worker(
         client,
         task_queue=task_queue or settings.cpu_task_queue,
@@ -60,8 +63,9 @@ async def running(settings: Settings, tracer_provider: TracerProvider | None = N
     with (
         metrics.serving(settings.worker_cpu_metrics_port, settings.api_host, "LOCKN_TUNE_WORKER_CPU_METRICS_PORT"),
         ThreadPoolExecutor(max_workers=8, thread_name_prefix="cpu-activity") as executor,
+        closing(Database(settings.db_url)) as db,
     ):
-        async with build_worker(client, settings, executor) as worker:
+        async with build_worker(client, settings, executor, db) as worker:
             yield worker
 
 

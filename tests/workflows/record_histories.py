@@ -152,7 +152,7 @@ async def main() -> int:
             HISTORIES.mkdir(parents=True, exist_ok=True)
             for old in HISTORIES.glob("*.json"):
                 old.unlink()
-            async with running_workers(client, settings):
+            async with running_workers(client, settings, db):
                 await record(client, db, settings, model, data, empty)
         finally:
             await env.shutdown()
