@@ -2,7 +2,7 @@
 S3-protocol server (moto_server on loopback); and its callers on both: checkpoints
 (commit, fallback, retention), preflight reading an uploaded dataset, publish.
 
-    .venv/bin/python -m pytest -q tests/store/test_s3_store.py
+    .venv/bin/python -m pytest -q tests/store/test_artifact_stores.py
 """
 
 from __future__ import annotations
@@ -80,6 +80,18 @@ def test_bytes_and_files_round_trip_with_their_sha256(store, tmp_path):
     # Rewriting a key replaces the blob.
     assert store.put_bytes("a/b.txt", b"hello again") == sha(b"hello again")
     assert store.get_bytes("a/b.txt") == b"hello again"
+
+
+def test_local_writes_leave_no_temporary_files(tmp_path):
+    """The filesystem store writes under a temporary name and renames: nothing half-written stays."""
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"\x00" * 3_000_000)
+    store.put_bytes("a/b.txt", b"hello")
+    store.put_file("a/c.bin", src)
+    store.get_file("a/c.bin", tmp_path / "out" / "c.bin")
+    assert not list(tmp_path.rglob("*.tmp-*"))
+    assert store.list("a") == ["a/b.txt", "a/c.bin"]
 
 
 def test_list_exists_and_delete_prefix(store):
