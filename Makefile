@@ -21,15 +21,17 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lockn-tune demo --home $(HOME_DIR)
 
 up: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/lockn-tune up --home $(HOME_DIR)
+	HF_HUB_OFFLINE=1 $(BIN)/lockn-tune up --home $(HOME_DIR) --allow-dir $(CURDIR)
 
 # Debian packages the tests use: PostgreSQL's server (the tests start a throwaway cluster on
-# loopback themselves) and Prometheus's promtool (checks deploy/prometheus). Installed with
+# loopback themselves), Prometheus's promtool (checks deploy/prometheus) and Chromium (a
+# headless browser renders the offline API docs). Installed with
 # service start-up blocked, so neither package starts a server of its own.
 system-deps:
 	@missing=""; \
 	{ ls /usr/lib/postgresql/*/bin/pg_ctl || command -v pg_ctl; } >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then echo "the tests need:$$missing (sudo apt-get install$$missing)" >&2; exit 1; fi; \
 	echo "installing Debian packages:$$missing"; \

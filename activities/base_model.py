@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from activities.errors import user_error
+from activities.local_paths import PathRefused, allowed_path, names_a_path, within_roots
 from store.artifacts import sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -20,18 +22,39 @@ class BaseModel:
     config: dict
 
 
-def resolve_base_model(name: str) -> BaseModel:
-    """A local model directory, or a hub id already in the local Hugging Face cache."""
-    path = Path(name).expanduser()
-    if path.is_dir():
+def local_model_dir(name: str, roots: Sequence[Path]) -> Path | None:
+    """The resolved local folder a base_model value names, or None for a Hugging Face id.
+
+    An absolute, `~`, `.` or `..` value is a path and must lie under `roots` (PathRefused
+    otherwise). A bare `name` or `org/name` is a local folder only where it resolves to a
+    directory inside the roots (relative to the working directory); anywhere else it is a
+    hub id, so nothing outside the roots is even looked at.
+    """
+    if names_a_path(name):
+        return allowed_path(name, "base_model", roots)
+    try:
+        candidate = Path(name).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return candidate if within_roots(candidate, roots) and candidate.is_dir() else None
+
+
+def resolve_base_model(name: str, *, roots: Sequence[Path] = ()) -> BaseModel:
+    """A local model directory under the allowed roots, or a hub id already in the local
+    Hugging Face cache. A folder outside the roots is refused before anything in it is read."""
+    try:
+        path = local_model_dir(name, roots)
+    except PathRefused as exc:
+        raise user_error(str(exc)) from None
+    if path is not None:
+        if not path.is_dir():
+            raise user_error(f"base_model {name!r} does not exist on the worker (or is not a folder); check the path")
         if not (path / "config.json").is_file():
             raise user_error(
                 f"base_model {name!r} is a directory without config.json; point it at a directory "
                 "written by save_pretrained (config.json, weights and tokenizer files)"
             )
         revision = weights_sha256(path)
-    elif path.is_absolute() or name.startswith((".", "~")):
-        raise user_error(f"base_model {name!r} does not exist on the worker; check the path")
     else:
         from huggingface_hub import snapshot_download
 
@@ -39,9 +62,9 @@ def resolve_base_model(name: str) -> BaseModel:
             path = Path(snapshot_download(name, local_files_only=True))
         except Exception:
             raise user_error(
-                f"base_model {name!r} is neither a local directory nor in this worker's Hugging Face cache, "
-                f"and this service does not download weights while a run starts; run `hf download {name}` "
-                "on the worker first, or give a local directory"
+                f"base_model {name!r} is neither a local directory under the allowed folders nor in this worker's "
+                f"Hugging Face cache, and this service does not download weights while a run starts; run "
+                f"`hf download {name}` on the worker first, or give the absolute path of a local directory"
             ) from None
         revision = path.name
     config = json.loads((path / "config.json").read_text())

@@ -9,6 +9,7 @@ from __future__ import annotations
 from temporalio import activity
 
 from activities.errors import user_error
+from activities.local_paths import allowed_roots
 from activities.preflight import preflight_report
 from activities.publish import publish_adapter
 from activities.snapshot import snapshot_dataset as make_snapshot
@@ -34,6 +35,11 @@ class CpuActivities:
     def __init__(self, settings: Settings, db: Database, store: ArtifactStore):
         self.settings, self.db, self.store = settings, db, store
 
+    def roots(self) -> tuple:
+        """Where specs may name local models and datasets; resolved on each use, since a
+        root may be created (or be a symlink that changes) after the worker starts."""
+        return allowed_roots(self.settings)
+
     @activity.defn(name="record_event")
     def record_event(self, inp: RecordEventInput) -> None:
         """Write a state transition to the run's events and row. Idempotent on (run_id, seq)."""
@@ -45,7 +51,7 @@ class CpuActivities:
     def preflight(self, inp: PreflightInput) -> TrainingPlan:
         """Resolve model, data, config and hardware into a plan, or fail with what to change.
         The report is stored on the run either way."""
-        report = preflight_report(inp.run_id, inp.spec, self.db, self.store, inp.hardware)
+        report = preflight_report(inp.run_id, inp.spec, self.db, self.store, inp.hardware, roots=self.roots())
         self.db.add_event(inp.run_id, "preflight", "preflight report", report.model_dump(mode="json"))
         if not report.ok:
             raise user_error(" ".join(report.errors))
@@ -56,12 +62,12 @@ class CpuActivities:
     @activity.defn(name="preflight_report")
     def preflight_report(self, inp: PreflightInput) -> PreflightReport:
         """The dry run: the same report, never raised as a failure for problems a user can fix."""
-        return preflight_report(inp.run_id, inp.spec, self.db, self.store, inp.hardware)
+        return preflight_report(inp.run_id, inp.spec, self.db, self.store, inp.hardware, roots=self.roots())
 
     @activity.defn(name="snapshot_dataset")
     def snapshot_dataset(self, inp: SnapshotInput) -> DatasetSnapshot:
         """Copy, validate, split and tokenize the dataset. Resumes from nothing: rewrites the same keys."""
-        return make_snapshot(inp.plan, self.db, self.store)
+        return make_snapshot(inp.plan, self.db, self.store, roots=self.roots())
 
     @activity.defn(name="publish")
     def publish(self, inp: PublishInput) -> PublishResult:

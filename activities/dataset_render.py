@@ -9,12 +9,18 @@ fall back to locating the answer's own text. Without a template a plain "### Use
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from activities.dataset_rows import Example
 from schemas.datasets import DatasetShape
 
 IGNORE = -100
+
+
+# Rows longer than this (in characters) are tokenized a growing prefix at a time: what
+# survives truncation is decided by the first max_seq_len tokens, never by the far end of a 1 MB row.
+PREFIX_CHARS = 4096
 
 
 @dataclass
@@ -25,6 +31,33 @@ class RenderedExample:
     labels: list[int]
     truncated: bool
     length_before_truncation: int
+    length_exact: bool = True  # False: a very long row, whose length is estimated from the part tokenized
+    answer_kept_share: float = 1.0  # share of the answer (tokens, or characters when estimated) left after truncation
+
+
+@dataclass(frozen=True)
+class RenderedText:
+    """A row rendered the way the model sees it, before tokenization: text and the spans that carry loss."""
+
+    text: str
+    spans: list[tuple[int, int]]
+
+    @property
+    def key(self) -> bytes:
+        """Rows with equal keys are exact duplicates: the model would see the same text."""
+        return hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).digest()
+
+    @property
+    def prompt_key(self) -> bytes | None:
+        """Key of everything before the last answer (None when that is blank): equal keys, different
+        answers make near-duplicates."""
+        start = self.spans[-1][0] if self.spans else len(self.text)
+        prompt = self.text[:start]
+        return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).digest() if prompt.strip() else None
+
+    def may_exceed(self, max_seq_len: int) -> bool:
+        """False when the row surely fits: a token covers at least one byte of text, plus an added bos."""
+        return len(self.text.encode("utf-8", "surrogatepass")) + 2 > max_seq_len
 
 
 def _fallback_turn(role: str, content: str) -> str:
@@ -76,34 +109,60 @@ def _text_and_spans(example: Example, tokenizer) -> tuple[str, list[tuple[int, i
     return text, spans
 
 
-def render_example(example: Example, tokenizer, max_seq_len: int) -> RenderedExample:
+def render_text(example: Example, tokenizer) -> RenderedText:
+    """The row as the model sees it (chat template or plain format), untokenized, with its answer spans."""
+    return RenderedText(*_text_and_spans(example, tokenizer))
+
+
+def render_example(example: Example, tokenizer, max_seq_len: int, rendered: RenderedText | None = None) -> RenderedExample:
     """Token ids and labels for one example, truncated to max_seq_len tokens (the start is kept).
 
     Loss is taken on assistant answers with their end-of-turn marker (chat, instruction) or on
     the completion and eos (completion); everything else is IGNORE. A token carries loss when
     its first character lies inside an answer, which needs a fast tokenizer's offsets.
+    A very long row is tokenized only as far as truncation needs; its length is then an estimate.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"{type(tokenizer).__name__} is a slow tokenizer; a fast tokenizer (the model's tokenizer.json) is "
             "needed to find which tokens are answers. Add tokenizer.json to the model folder or pick a model that has one"
         )
-    text, spans = _text_and_spans(example, tokenizer)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    labels = [
-        tok if any(a <= start < b for a, b in spans) else IGNORE
-        for tok, (start, _) in zip(ids, enc["offset_mapping"])
-    ]
+    text, spans = (rendered.text, rendered.spans) if rendered else _text_and_spans(example, tokenizer)
     bos = tokenizer.bos_token
-    if bos and not text.startswith(bos) and tokenizer.bos_token_id is not None:
+    adds_bos = bool(bos) and not text.startswith(bos) and tokenizer.bos_token_id is not None
+    keep = max_seq_len - adds_bos  # tokens of the text itself that survive
+    size = max(PREFIX_CHARS, 16 * max_seq_len)
+    while True:
+        part = text[:size]
+        enc = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)
+        # A margin past the cut: only the last words of a cut-off prefix may tokenize differently.
+        if size >= len(text) or len(enc["input_ids"]) > keep + 64:
+            break
+        size *= 4
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    exact = len(part) == len(text)
+    labels = [tok if any(a <= start < b for a, b in spans) else IGNORE for tok, (start, _) in zip(ids, offsets)]
+    length = len(ids) if exact else max(len(ids), round(len(ids) * len(text) / len(part)))
+    kept_share = 1.0
+    if length > keep:
+        if exact:
+            answer = sum(1 for t in labels if t != IGNORE)
+            kept = sum(1 for t in labels[:keep] if t != IGNORE)
+        else:
+            cut = offsets[keep][0]  # where the first dropped token starts
+            answer = sum(b - a for a, b in spans)
+            kept = sum(max(0, min(b, cut) - a) for a, b in spans)
+        kept_share = kept / answer if answer else 1.0
+    if adds_bos:
         ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE] + labels
-    length = len(ids)
+    length += adds_bos
     return RenderedExample(
         input_ids=ids[:max_seq_len],
         labels=labels[:max_seq_len],
         truncated=length > max_seq_len,
         length_before_truncation=length,
+        length_exact=exact,
+        answer_kept_share=kept_share,
     )
 
 

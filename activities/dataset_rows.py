@@ -9,6 +9,7 @@ import hashlib
 import json
 import random
 from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,13 +274,109 @@ def split_sizes(n: int, eval_fraction: float) -> tuple[int, int]:
     return n - n_eval, n_eval
 
 
-def deterministic_split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def deterministic_split(
+    n: int, eval_fraction: float, seed: int, keys: Sequence[Hashable] | None = None
+) -> tuple[list[int], list[int]]:
     """Train and eval row indices (each sorted), sized as split_sizes says.
 
-    The same (n, eval_fraction, seed) always gives the same split: it comes from a
+    The same (n, eval_fraction, seed, keys) always gives the same split: it comes from a
     permutation drawn by random.Random(seed), never from the global RNG or row order.
+    Rows with equal `keys` (exact duplicates) land on the same side: whole groups are shuffled
+    and taken into eval while they fit, so eval stays within a group's size of its target.
+    With all keys distinct (or none given) the split is the plain row shuffle.
     """
     _, n_eval = split_sizes(n, eval_fraction)
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return sorted(order[n_eval:]), sorted(order[:n_eval])
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys if keys is not None else range(n)):
+        groups.setdefault(key, []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)  # shuffling n singletons draws the same permutation as shuffling range(n)
+    held: list[int] = []
+    for group in order:
+        if len(held) + len(group) <= n_eval:
+            held += group
+            if len(held) == n_eval:
+                break
+    if not held and n_eval and len(order) > 1:
+        held = list(min(order, key=len))  # every group is bigger than the target: hold out the smallest
+    chosen = set(held)
+    return [i for i in range(n) if i not in chosen], sorted(held)
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """How often rows repeat: `most_repeated` lists (first line, occurrences), most repeated first."""
+
+    rows: int
+    distinct: int
+    most_repeated: list[tuple[int, int]]
+
+    @property
+    def repeats(self) -> int:
+        """Rows that repeat an earlier row exactly."""
+        return self.rows - self.distinct
+
+
+def count_duplicates(lines: Sequence[int], keys: Sequence[Hashable], listed: int = 5) -> Duplicates:
+    """Distinct rows among `keys` and the most repeated ones, named by the line of their first occurrence."""
+    first: dict[Hashable, int] = {}
+    counts: Counter = Counter()
+    for line, key in zip(lines, keys):
+        first.setdefault(key, line)
+        counts[key] += 1
+    repeated = sorted(((first[k], c) for k, c in counts.items() if c > 1), key=lambda lc: (-lc[1], lc[0]))
+    return Duplicates(rows=len(keys), distinct=len(counts), most_repeated=repeated[:listed])
+
+
+def occurring_in(reference: Iterable[Hashable], keys: Sequence[Hashable | None]) -> list[int]:
+    """Indices of `keys` that also occur in `reference` (None never matches)."""
+    seen = set(reference)
+    seen.discard(None)
+    return [i for i, key in enumerate(keys) if key in seen]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which rows train and which evaluate. `eval` indexes the eval file's rows when there is one,
+    else the dataset's own; `excluded` are eval-file rows left out as copies of training rows."""
+
+    train: list[int]
+    eval: list[int]
+    excluded: list[int]
+    eval_in_train: int  # eval rows whose exact copy trains (0 unless something is wrong)
+    eval_prompt_in_train: int  # eval rows whose prompt trains with another answer
+
+
+def split_rows(
+    keys: Sequence[Hashable],
+    prompt_keys: Sequence[Hashable | None],
+    eval_fraction: float,
+    seed: int,
+    eval_keys: Sequence[Hashable] | None = None,
+    eval_prompt_keys: Sequence[Hashable | None] | None = None,
+) -> Split:
+    """The train/eval split of a run, from each row's content key (equal keys: exact duplicates).
+
+    Without an eval file, eval_fraction of the rows are held out, copies together
+    (deterministic_split). With one, every dataset row trains and the eval file's rows
+    evaluate, less those that also occur in the dataset. The overlap figures are measured on
+    the result, not assumed.
+    """
+    if eval_keys is None:
+        train, held = deterministic_split(len(keys), eval_fraction, seed, keys)
+        excluded: list[int] = []
+        eval_keys, eval_prompt_keys = keys, prompt_keys
+    else:
+        train = list(range(len(keys)))
+        excluded = occurring_in(keys, eval_keys)
+        dropped = set(excluded)
+        held = [i for i in range(len(eval_keys)) if i not in dropped]
+    train_keys = [keys[i] for i in train]
+    in_train = occurring_in(train_keys, [eval_keys[i] for i in held])
+    copies = {eval_keys[held[i]] for i in in_train}
+    # A near-duplicate shares the prompt with a train row but is not an exact copy of one.
+    near = occurring_in(
+        [prompt_keys[i] for i in train],
+        [eval_prompt_keys[i] if eval_keys[i] not in copies else None for i in held],
+    )
+    return Split(train=train, eval=held, excluded=excluded, eval_in_train=len(in_train), eval_prompt_in_train=len(near))

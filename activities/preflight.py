@@ -9,20 +9,29 @@ fits the training worker's memory — or explains what to change. The same repor
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from activities.base_model import count_parameters, resolve_base_model
-from activities.dataset_render import IGNORE, render_example
-from activities.dataset_rows import read_dataset, split_sizes
+from activities.dataset_render import IGNORE, render_example, render_text
+from activities.dataset_rows import count_duplicates, read_dataset, split_rows
 from activities.defaults import EFFECTIVE_BATCH, Choice, resolve_simple_defaults
 from activities.errors import user_error
+from activities.local_paths import PathRefused, allowed_path
 from activities.memory_estimate import ModelShape, estimate_training_memory
 from schemas.activities import TrainingPlan
-from schemas.preflight import DatasetPreflight, Explanation, MemoryPlan, PreflightReport, RenderedSample, TokenLengths
+from schemas.preflight import (
+    DatasetPreflight,
+    Explanation,
+    LongRow,
+    MemoryPlan,
+    PreflightReport,
+    RenderedSample,
+    RepeatedRow,
+    TokenLengths,
+)
 from schemas.run_spec import Method, ResolvedHyperparameters, RunSpec
 from store.artifacts import ArtifactCorrupt
 
@@ -31,55 +40,72 @@ MEASURED_ROWS = 5000  # tokenize at most this many rows for statistics (a seeded
 SEQ_CANDIDATES = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 MICRO_BATCHES = (16, 8, 4, 2, 1)
 TRUNCATION_REFUSED = 0.25  # a user-set max_seq_len that cuts more rows than this is refused
-TRUNCATION_WARNED = 0.02
+MAX_LONG_ROWS = 50  # long rows kept in the report; the count covers all
+LISTED_LONG_ROWS = 10  # ... of which the warning names this many
+MIN_DISTINCT_SHARE = 0.5  # a dataset with fewer distinct rows than this share is refused as mostly duplicates
+MAX_PLANNED_SECONDS = 30 * 86400  # a plan estimated to train longer than this is refused
+MAX_PLANNED_STEPS = 10_000_000
 USABLE_GPU = 0.90  # headroom for the CUDA context and fragmentation
 USABLE_RAM = 0.80
 
 
-def resolve_dataset_path(dataset: str, db, store) -> tuple[Path, str]:
-    """The local file behind an uploaded dataset id or a path; and a name for messages."""
+def resolve_dataset_path(
+    dataset: str, db, store, *, roots: Sequence[Path] = (), field: str = "dataset"
+) -> tuple[Path, str]:
+    """The local file behind an uploaded dataset id or a path under the allowed roots
+    (activities/local_paths.py); and a name for messages. A path outside the roots (any
+    path, with the default of no roots) is refused before it is opened. `field` names the
+    spec field in messages."""
     if dataset.startswith("ds_"):
         row = db.get_dataset(dataset) if db is not None else None
         if row is None:
-            raise user_error(f"dataset {dataset!r} was not found; upload it with POST /v1/datasets first")
+            raise user_error(f"{field} {dataset!r} was not found; upload it with POST /v1/datasets first")
         try:
             path = store.local_file(row.store_key)  # a cached download where the store is remote
         except FileNotFoundError:
             raise user_error(
-                f"dataset {dataset!r} ({row.name}) is missing from the artifact store at {store.uri(row.store_key)}; "
+                f"{field} {dataset!r} ({row.name}) is missing from the artifact store at {store.uri(row.store_key)}; "
                 "upload it again with POST /v1/datasets"
             ) from None
         except ArtifactCorrupt as exc:
             raise user_error(
-                f"dataset {dataset!r} ({row.name}) is corrupt in the artifact store at {exc.where}: stored with "
+                f"{field} {dataset!r} ({row.name}) is corrupt in the artifact store at {exc.where}: stored with "
                 f"sha256 {exc.expected}, reads as {exc.actual}; upload it again with POST /v1/datasets"
             ) from None
         return path, row.name
-    path = Path(dataset).expanduser()
+    try:
+        path = allowed_path(dataset, field, roots)
+    except PathRefused as exc:
+        raise user_error(str(exc)) from None
     if not path.is_file():
         raise user_error(
-            f"dataset {dataset!r} is neither an uploaded dataset id (ds_...) nor a file on the worker; "
+            f"{field} {dataset!r} is neither an uploaded dataset id (ds_...) nor a file on the worker; "
             "upload it with POST /v1/datasets or `lockn-tune tune`, or give an absolute path"
         )
-    return path, path.name
+    return path, Path(dataset).name or path.name  # the name the user gave, not a symlink's target
 
 
-def build_plan(run_id: str, spec: RunSpec, db, store, hardware: dict | None = None) -> TrainingPlan:
-    """The plan for a run, or a user error listing what to change."""
-    report = preflight_report(run_id, spec, db, store, hardware)
+def build_plan(
+    run_id: str, spec: RunSpec, db, store, hardware: dict | None = None, *, roots: Sequence[Path] = ()
+) -> TrainingPlan:
+    """The plan for a run, or a user error listing what to change. `roots`: where local
+    models and datasets may be (activities.local_paths.allowed_roots); none by default."""
+    report = preflight_report(run_id, spec, db, store, hardware, roots=roots)
     if not report.ok:
         raise user_error(" ".join(report.errors), report=report.model_dump(mode="json"))
     return report.plan
 
 
-def preflight_report(run_id: str, spec: RunSpec, db, store, hardware: dict | None = None) -> PreflightReport:
+def preflight_report(
+    run_id: str, spec: RunSpec, db, store, hardware: dict | None = None, *, roots: Sequence[Path] = ()
+) -> PreflightReport:
     """The full report. Problems a user can fix are collected as errors, not raised;
     only a missing model or dataset raises (nothing else can be checked without them)."""
     hardware = hardware or {}
     errors, warnings = [], []
     hp = spec.hyperparameters
 
-    base = resolve_base_model(spec.base_model)
+    base = resolve_base_model(spec.base_model, roots=roots)
     arch = (base.config.get("architectures") or [""])[0]
     if not arch.endswith(CAUSAL_LM_SUFFIX) and arch not in _matrix_llm_architectures():
         errors.append(
@@ -111,37 +137,59 @@ def preflight_report(run_id: str, spec: RunSpec, db, store, hardware: dict | Non
     if spec.method == Method.qlora and hardware.get("bitsandbytes_usable") is False:
         errors.append("method 'qlora' needs bitsandbytes, which does not load on the training worker; use method 'lora'")
 
-    data_path, source = resolve_dataset_path(spec.dataset, db, store)
+    data_path, source = resolve_dataset_path(spec.dataset, db, store, roots=roots)
     examples, validation = read_dataset(data_path, max_bad_row_fraction=spec.max_bad_row_fraction, source_name=source)
     if validation.refused:
         errors.append(validation.message)
     elif validation.bad_rows:
         warnings.append(validation.message)
-    n_train, n_eval = split_sizes(validation.valid_rows, spec.eval_fraction)
-    if not validation.refused and (n_train < 1 or n_eval < 1):
-        errors.append(
-            f"dataset {source} has {validation.valid_rows} valid rows: too few to split into train and eval; "
-            "add rows (a few dozen at the very least)"
+    eval_examples, eval_validation, eval_source = None, None, None
+    if spec.eval_dataset:
+        # The same resolution, reading and validation as the training file.
+        eval_path, eval_source = resolve_dataset_path(spec.eval_dataset, db, store, roots=roots, field="eval_dataset")
+        eval_examples, eval_validation = read_dataset(
+            eval_path, max_bad_row_fraction=spec.max_bad_row_fraction, source_name=eval_source
         )
+        if eval_validation.refused:
+            errors.append(f"eval_dataset: {eval_validation.message}")
+        elif eval_validation.bad_rows:
+            warnings.append(f"eval_dataset: {eval_validation.message}")
+        if validation.shape and eval_validation.shape and validation.shape != eval_validation.shape:
+            errors.append(
+                f"eval_dataset {eval_source} has {eval_validation.shape.value} rows but dataset {source} has "
+                f"{validation.shape.value} rows; give both files the same shape"
+            )
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base.path, local_files_only=True)
+    rendered = [render_text(e, tokenizer) for e in examples]
+    eval_rendered = [render_text(e, tokenizer) for e in eval_examples] if eval_examples is not None else None
+    split = split_rows(
+        [r.key for r in rendered], [r.prompt_key for r in rendered], spec.eval_fraction, hp.seed,
+        [r.key for r in eval_rendered] if eval_rendered is not None else None,
+        [r.prompt_key for r in eval_rendered] if eval_rendered is not None else None,
+    )
+    n_train, n_eval = len(split.train), len(split.eval)
+    errors += _split_errors(split, examples, eval_examples, validation, eval_validation, source, eval_source)
+    warnings += _split_warnings(split, eval_examples, source, eval_source)
     values, choices = resolve_simple_defaults(spec, n_train, num_params)
 
     dataset = None
     if examples:
         dataset, max_seq_len, seq_choice = _dataset_preflight(
-            examples, validation, tokenizer, hp.max_seq_len, context, spec.hyperparameters.seed, n_train, n_eval
+            examples, rendered, validation, tokenizer, hp.max_seq_len, context, hp.seed, split,
+            eval_examples, eval_rendered, eval_validation, source, eval_source,
         )
         if seq_choice:
             choices.append(seq_choice)
         if hp.max_seq_len and dataset.truncated_share > TRUNCATION_REFUSED:
             errors.append(_truncation_message(dataset, hp.max_seq_len, refused=True))
-        elif dataset.truncated_share > TRUNCATION_WARNED:
+        elif dataset.long_rows_total:
             warnings.append(_truncation_message(dataset, max_seq_len, refused=False))
-        if dataset.duplicate_rows:
-            warnings.append(f"{dataset.duplicate_rows} rows repeat an earlier row exactly; they weigh double in training")
+        duplicates = _duplicates_message(dataset, source)
+        if duplicates:
+            (errors if dataset.distinct_rows < MIN_DISTINCT_SHARE * validation.valid_rows else warnings).append(duplicates)
     else:
         max_seq_len = hp.max_seq_len or 1024
 
@@ -180,7 +228,13 @@ def preflight_report(run_id: str, spec: RunSpec, db, store, hardware: dict | Non
         )
     report.estimated_steps = total
     mean_tokens = min(dataset.token_lengths.mean, max_seq_len) if dataset else max_seq_len
-    report.estimated_seconds = round(_seconds(num_params, total * per_step * mean_tokens, hardware), 1)
+    step_seconds = _seconds(num_params, per_step * mean_tokens, hardware)
+    report.estimated_seconds = round(step_seconds * total, 1)
+    too_long = _duration_error(resolved, total, step_seconds, n_train, per_step)
+    if too_long:
+        report.errors.append(too_long)
+        report.ok = False
+        return report
     report.plan = TrainingPlan(
         run_id=run_id,
         spec=spec,
@@ -209,15 +263,63 @@ def preflight_report(run_id: str, spec: RunSpec, db, store, hardware: dict | Non
     return report
 
 
-def _dataset_preflight(examples, validation, tokenizer, max_seq_len, context, seed, n_train, n_eval):
-    """Samples, token lengths, truncation and duplicates; and max_seq_len when it is unset."""
+def _split_errors(split, examples, eval_examples, validation, eval_validation, source, eval_source) -> list[str]:
+    """Refusals about the split: nothing to hold out, or an eval file that is all copies of training rows."""
+    if validation.refused or (eval_validation is not None and eval_validation.refused):
+        return []  # the validation message already says what to fix
+    if eval_examples is None:
+        if len(split.train) < 1 or len(split.eval) < 1:
+            return [
+                f"dataset {source} has {validation.valid_rows} valid rows: too few to split into train and eval; "
+                "add rows (a few dozen at the very least), or give an eval_dataset"
+            ]
+        return []
+    if not split.eval:
+        lines = [eval_examples[i].line for i in split.excluded]
+        return [
+            f"every row of eval_dataset {eval_source} also occurs in dataset {source} (lines {_lines(lines)}): "
+            "eval would measure rows the model trains on. Give eval rows that are not in the training file, "
+            "or leave eval_dataset out to hold out eval_fraction of the dataset"
+        ]
+    return []
+
+
+def _split_warnings(split, eval_examples, source, eval_source) -> list[str]:
+    out = []
+    if eval_examples is not None and split.excluded and split.eval:
+        total = len(split.excluded) + len(split.eval)
+        lines = [eval_examples[i].line for i in split.excluded]
+        out.append(
+            f"eval_dataset {eval_source}: {len(split.excluded)} of {total} rows ({_share(len(split.excluded) / total)}) "
+            f"also occur in dataset {source} and are left out of eval: lines {_lines(lines)}"
+        )
+    if split.eval_prompt_in_train:
+        out.append(
+            f"{split.eval_prompt_in_train} of {len(split.eval)} eval rows "
+            f"({_share(split.eval_prompt_in_train / len(split.eval))}) have the same prompt as a train row with a "
+            "different answer; eval loss on them partly measures what training saw"
+        )
+    return out
+
+
+def _dataset_preflight(
+    examples, rendered, validation, tokenizer, max_seq_len, context, seed, split,
+    eval_examples, eval_rendered, eval_validation, source, eval_source,
+):
+    """Samples, token lengths, truncation and duplicates; and max_seq_len when it is unset.
+
+    Length statistics come from a seeded sample; the truncation check covers every row of
+    both files: a byte count bounds each row's tokens, and only rows that may exceed are tokenized.
+    """
     picked = list(range(len(examples)))
     if len(picked) > MEASURED_ROWS:
         picked = sorted(random.Random(seed).sample(picked, MEASURED_ROWS))
-    lengths, renders = [], {}
+    lengths, renders, known = [], {}, {}
     for i in picked:
-        r = render_example(examples[i], tokenizer, context)
+        r = render_example(examples[i], tokenizer, context, rendered[i])
         lengths.append(r.length_before_truncation)
+        if r.length_exact:
+            known[i] = r.length_before_truncation
         if len(renders) < 3:
             renders[i] = r
     ordered = sorted(lengths)
@@ -230,12 +332,11 @@ def _dataset_preflight(examples, validation, tokenizer, max_seq_len, context, se
             f"the shortest of {', '.join(map(str, SEQ_CANDIDATES[:4]))}, ... that holds 98% of rows whole "
             f"(98th percentile: {covering} tokens; the model's context: {context})",
         )
-    truncated = sum(1 for n in lengths if n > max_seq_len)
-    seen, duplicates = set(), 0
-    for e in examples:
-        key = hashlib.sha256(json.dumps([e.messages, e.prompt, e.completion], sort_keys=True).encode()).digest()
-        duplicates += key in seen
-        seen.add(key)
+    long_rows = _long_rows(examples, rendered, tokenizer, max_seq_len, known, source if eval_source else None)
+    truncated = len(long_rows)
+    if eval_examples:
+        long_rows += _long_rows(eval_examples, eval_rendered, tokenizer, max_seq_len, {}, eval_source)
+    duplicates = count_duplicates([e.line for e in examples], [r.key for r in rendered])
     edges = _histogram_edges(ordered[-1])
     counts = [sum(1 for n in lengths if lo <= n < hi) for lo, hi in zip(edges, edges[1:])]
     samples = [
@@ -250,12 +351,48 @@ def _dataset_preflight(examples, validation, tokenizer, max_seq_len, context, se
         min=ordered[0], p50=ordered[len(ordered) // 2], p95=ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
         max=ordered[-1], mean=round(sum(ordered) / len(ordered), 1), histogram_edges=edges, histogram_counts=counts,
     )
+    n_eval = len(split.eval)
     dataset = DatasetPreflight(
         validation=validation, samples=samples, token_lengths=stats, measured_rows=len(lengths),
-        truncated_rows=truncated, truncated_share=round(truncated / len(lengths), 4), duplicate_rows=duplicates,
-        train_rows=n_train, eval_rows=n_eval,
+        truncated_rows=truncated, truncated_share=round(truncated / len(examples), 4),
+        long_rows=long_rows[:MAX_LONG_ROWS], long_rows_total=len(long_rows),
+        answer_lost_rows=sum(1 for r in long_rows if r.answer_kept_share == 0),
+        duplicate_rows=duplicates.repeats, distinct_rows=duplicates.distinct,
+        most_repeated=[RepeatedRow(line=line, occurrences=n) for line, n in duplicates.most_repeated],
+        train_rows=len(split.train), eval_rows=n_eval,
+        eval_source=eval_source, eval_validation=eval_validation,
+        eval_excluded_rows=len(split.excluded),
+        eval_excluded_lines=[eval_examples[i].line for i in split.excluded[:MAX_LONG_ROWS]] if eval_examples else [],
+        eval_in_train_share=round(split.eval_in_train / n_eval, 4) if n_eval else 0.0,
+        eval_prompt_in_train_rows=split.eval_prompt_in_train,
     )
     return dataset, max_seq_len, choice
+
+
+def _long_rows(examples, rendered, tokenizer, max_seq_len, known, source) -> list[LongRow]:
+    """Every row longer than max_seq_len, with what truncation does to it. `known` holds exact
+    lengths measured already; `source` names the file in messages (None: the only file)."""
+    out = []
+    for i, (example, text) in enumerate(zip(examples, rendered)):
+        if not text.may_exceed(max_seq_len) or known.get(i, max_seq_len + 1) <= max_seq_len:
+            continue
+        r = render_example(example, tokenizer, max_seq_len, text)
+        if not r.truncated:
+            continue
+        where = f"{source} line {example.line}" if source else f"line {example.line}"
+        tokens = f"{'' if r.length_exact else 'about '}{r.length_before_truncation:,} tokens"
+        if r.answer_kept_share == 0:
+            what = "the whole answer is cut, the row trains on nothing"
+        elif r.answer_kept_share < 1:
+            what = f"the last {_share(1 - r.answer_kept_share)} of the answer is cut"
+        else:
+            what = "only what follows the answer is cut"
+        out.append(LongRow(
+            source=source or "dataset", line=example.line, tokens=r.length_before_truncation,
+            tokens_exact=r.length_exact, answer_kept_share=round(r.answer_kept_share, 4),
+            effect=f"{where}: {tokens}, cut to {max_seq_len}: {what}",
+        ))
+    return out
 
 
 def _histogram_edges(longest: int) -> list[int]:
@@ -267,12 +404,84 @@ def _histogram_edges(longest: int) -> list[int]:
 
 
 def _truncation_message(dataset: DatasetPreflight, max_seq_len: int, refused: bool) -> str:
-    share = dataset.truncated_share
+    """How many rows max_seq_len cuts, the first of them line by line, and what to do."""
     lengths = dataset.token_lengths
     fix = next((c for c in SEQ_CANDIDATES if c >= lengths.p95), None)
-    text = f"max_seq_len {max_seq_len} truncates {share:.0%} of rows ({dataset.truncated_rows} of {dataset.measured_rows})"
-    hint = f"; raise it to {fix} (holds 95% of rows whole)" if fix and fix > max_seq_len else "; shorten the longest rows"
-    return text + (hint + " or shorten the rows" if refused else hint)
+    valid = dataset.validation.valid_rows
+    text = (
+        f"max_seq_len {max_seq_len} truncates {_share(dataset.truncated_share)} of rows "
+        f"({dataset.truncated_rows:,} of {valid:,})"
+    )
+    if dataset.long_rows_total != dataset.truncated_rows:
+        text += f" and {dataset.long_rows_total - dataset.truncated_rows:,} rows of eval_dataset {dataset.eval_source}"
+    if dataset.answer_lost_rows:
+        text += f"; {dataset.answer_lost_rows:,} of them lose their whole answer and train on nothing"
+    listed = dataset.long_rows[:LISTED_LONG_ROWS]
+    text += ". " + "; ".join(r.effect for r in listed)
+    if dataset.long_rows_total > len(listed):
+        text += f"; and {dataset.long_rows_total - len(listed):,} more (see the report's long_rows)"
+    hint = f". Raise it to {fix} (holds 95% of rows whole)" if fix and fix > max_seq_len else ". Shorten the longest rows"
+    return text + (hint + " or shorten the rows" if refused else hint + " or leave them out")
+
+
+def _duplicates_message(dataset: DatasetPreflight, source: str) -> str | None:
+    """The real multiplicity of repeated rows; None when every row is distinct."""
+    if not dataset.duplicate_rows:
+        return None
+    rows, distinct = dataset.validation.valid_rows, dataset.distinct_rows
+    worst = ", ".join(f"the row at line {r.line} occurs {r.occurrences:,} times" for r in dataset.most_repeated)
+    if distinct < MIN_DISTINCT_SHARE * rows:
+        return (
+            f"{source} is mostly duplicates: {distinct:,} distinct rows among {rows:,} ({worst}). Training on copies "
+            "learns them by heart and leaves too few distinct rows to evaluate. Remove the copies "
+            "(for more passes over the data, raise hyperparameters.epochs instead)"
+        )
+    return (
+        f"{dataset.duplicate_rows:,} rows of {source} are exact copies of another row: {distinct:,} distinct rows among "
+        f"{rows:,} ({worst}). Each copy trains as one more row; copies always stay on the same side of the "
+        "train/eval split"
+    )
+
+
+def _duration_error(hp: ResolvedHyperparameters, total: int, step_seconds: float, n_train: int, per_step: int) -> str | None:
+    """A plan that would run for longer than anyone waits, or for an absurd number of steps, with the numbers."""
+    seconds = step_seconds * total
+    if seconds <= MAX_PLANNED_SECONDS and total <= MAX_PLANNED_STEPS:
+        return None
+    if hp.max_steps:
+        what, fix = f"max_steps {hp.max_steps:,}", "lower max_steps, or remove it to train by epochs"
+    else:
+        what = f"epochs {hp.epochs} over {n_train:,} train rows at {per_step} rows per step ({total:,} steps)"
+        fix = "lower epochs or use fewer rows"
+    limit = f"the limit is {_duration(MAX_PLANNED_SECONDS)} and {MAX_PLANNED_STEPS:,} steps"
+    return f"{what} at ~{_duration(step_seconds)} per step is about {_duration(seconds)} of training ({limit}); {fix}"
+
+
+def _duration(seconds: float) -> str:
+    """A duration in the unit a person would use, to three significant figures."""
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{_sig(seconds / size)} {unit}"
+    return f"{_sig(seconds)} s" if seconds >= 0.1 else f"{seconds * 1000:.2g} ms"
+
+
+def _sig(x: float) -> str:
+    """Three significant figures with thousands separators: 193,000 / 6.1 / 12.3."""
+    if x >= 100:
+        return f"{float(f'{x:.3g}'):,.0f}"
+    return f"{x:.3g}"
+
+
+def _share(x: float) -> str:
+    """A share as a percentage that never rounds a few rows away to 0%."""
+    if x == 0 or x >= 0.01:
+        return f"{x:.0%}"
+    return f"{x:.1%}" if x >= 0.001 else "<0.1%"
+
+
+def _lines(lines: list[int], listed: int = 20) -> str:
+    shown = ", ".join(map(str, lines[:listed]))
+    return shown + (f" and {len(lines) - listed:,} more" if len(lines) > listed else "")
 
 
 def _available(hardware: dict) -> tuple[str, int]:

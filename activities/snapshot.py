@@ -8,43 +8,71 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-from activities.dataset_render import prompt_and_reference, render_example
-from activities.dataset_rows import deterministic_split, read_dataset
+from activities.dataset_render import prompt_and_reference, render_example, render_text
+from activities.dataset_rows import read_dataset, split_rows
 from activities.errors import user_error
 from activities.preflight import resolve_dataset_path
 from schemas.activities import DatasetSnapshot, TokenStats, TrainingPlan
 from store.artifacts import ArtifactStore
 
 
-def snapshot_dataset(plan: TrainingPlan, db, store: ArtifactStore) -> DatasetSnapshot:
+def snapshot_dataset(plan: TrainingPlan, db, store: ArtifactStore, *, roots: Sequence[Path] = ()) -> DatasetSnapshot:
+    """Validate, split and tokenize the dataset (and the eval_dataset, when the spec has one)
+    exactly as preflight planned: copies of a row stay on one side of the split, eval-file
+    rows that also occur in the dataset are left out. `roots`: where local files may be."""
     from worker_gpu.model_loading import load_tokenizer
 
     spec = plan.spec
-    path, source = resolve_dataset_path(spec.dataset, db, store)
+    path, source = resolve_dataset_path(spec.dataset, db, store, roots=roots)
     examples, report = read_dataset(path, max_bad_row_fraction=spec.max_bad_row_fraction, source_name=source)
     if report.refused:
         raise user_error(report.message)
     source_key = f"datasets/sha256/{report.sha256}.jsonl"
     if not store.exists(source_key):
         store.put_file(source_key, path)
+    eval_examples, eval_report, eval_key = None, None, None
+    if spec.eval_dataset:
+        eval_path, eval_source = resolve_dataset_path(spec.eval_dataset, db, store, roots=roots, field="eval_dataset")
+        eval_examples, eval_report = read_dataset(
+            eval_path, max_bad_row_fraction=spec.max_bad_row_fraction, source_name=eval_source
+        )
+        if eval_report.refused:
+            raise user_error(f"eval_dataset: {eval_report.message}")
+        eval_key = f"datasets/sha256/{eval_report.sha256}.jsonl"
+        if not store.exists(eval_key):
+            store.put_file(eval_key, eval_path)
 
     tokenizer = load_tokenizer(plan.base_model_path)
-    train_idx, eval_idx = deterministic_split(len(examples), spec.eval_fraction, plan.hp.seed)
-    lengths, truncated, trained_tokens = [], 0, 0
+    rendered = [render_text(e, tokenizer) for e in examples]
+    eval_rendered = [render_text(e, tokenizer) for e in eval_examples] if eval_examples is not None else None
+    split = split_rows(
+        [r.key for r in rendered], [r.prompt_key for r in rendered], spec.eval_fraction, plan.hp.seed,
+        [r.key for r in eval_rendered] if eval_rendered is not None else None,
+        [r.prompt_key for r in eval_rendered] if eval_rendered is not None else None,
+    )
+    if eval_examples is not None and not split.eval:
+        raise user_error(
+            f"every row of eval_dataset {eval_report.source} also occurs in dataset {source}: "
+            "give eval rows that are not in the training file, or leave eval_dataset out"
+        )
+    lengths, truncated, trained_tokens, answer_lost = [], 0, 0, 0
     train_rows, eval_rows = [], []
-    for i in train_idx:
-        r = render_example(examples[i], tokenizer, plan.max_seq_len)
+    for i in split.train:
+        r = render_example(examples[i], tokenizer, plan.max_seq_len, rendered[i])
         lengths.append(r.length_before_truncation)
         truncated += r.truncated
+        answer_lost += r.answer_kept_share == 0
         trained_tokens += sum(1 for t in r.labels if t != -100)
         train_rows.append({"line": examples[i].line, "input_ids": r.input_ids, "labels": r.labels})
-    for i in eval_idx:
-        r = render_example(examples[i], tokenizer, plan.max_seq_len)
-        prompt, reference = prompt_and_reference(examples[i], tokenizer)
+    held, held_rendered = (eval_examples, eval_rendered) if eval_examples is not None else (examples, rendered)
+    for i in split.eval:
+        r = render_example(held[i], tokenizer, plan.max_seq_len, held_rendered[i])
+        prompt, reference = prompt_and_reference(held[i], tokenizer)
         eval_rows.append(
-            {"line": examples[i].line, "input_ids": r.input_ids, "labels": r.labels, "prompt": prompt, "reference": reference}
+            {"line": held[i].line, "input_ids": r.input_ids, "labels": r.labels, "prompt": prompt, "reference": reference}
         )
     if trained_tokens == 0:
         raise user_error(
@@ -70,6 +98,7 @@ def snapshot_dataset(plan: TrainingPlan, db, store: ArtifactStore) -> DatasetSna
         truncated_rows=truncated,
         truncated_share=round(truncated / len(ordered), 4),
         trained_tokens=trained_tokens,
+        answer_lost_rows=answer_lost,
     )
     return DatasetSnapshot(
         sha256=report.sha256,
@@ -85,6 +114,14 @@ def snapshot_dataset(plan: TrainingPlan, db, store: ArtifactStore) -> DatasetSna
         eval_rows=len(eval_rows),
         token_stats=stats,
         report=report.model_dump(mode="json"),
+        distinct_rows=len({r.key for r in rendered}),
+        eval_source=eval_report.source if eval_report else None,
+        eval_source_sha256=eval_report.sha256 if eval_report else None,
+        eval_source_uri=store.uri(eval_key) if eval_key else None,
+        eval_excluded_rows=len(split.excluded),
+        eval_in_train_rows=split.eval_in_train,
+        eval_in_train_share=round(split.eval_in_train / len(eval_rows), 4) if eval_rows else 0.0,
+        eval_prompt_in_train_rows=split.eval_prompt_in_train,
     )
 
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
+from importlib.resources import files
 
 import structlog
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import TracerProvider
 
@@ -38,6 +42,10 @@ ERRORS = {
     422: {"model": ErrorView, "description": "Invalid request: which field, where, and what to do"},
     503: {"model": ErrorView, "description": "Temporal, the database or the identity provider is unreachable"},
 }
+# Swagger UI and ReDoc come from the fastapi-offline package, served by this app: /docs
+# works on a machine without internet (FastAPI's defaults load them from a CDN).
+DOCS_ASSETS_URL = "/docs-assets"
+DOCS_ASSETS_DIR = files("fastapi_offline") / "static"
 
 
 def create_app(settings: Settings | None = None, tracer_provider: TracerProvider | None = None) -> FastAPI:
@@ -65,6 +73,8 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
         version="0.1.0",
         description="Fine-tune LLMs with LoRA/QLoRA as durable Temporal workflows.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     settings.home.mkdir(parents=True, exist_ok=True)
     app.state.settings = settings
@@ -99,6 +109,7 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    add_offline_docs(app)
     app.include_router(health.router)
     app.include_router(runs.router, responses=ERRORS)
     app.include_router(datasets.router, responses={**ERRORS, 413: {"model": ErrorView, "description": "Upload too large"}})
@@ -108,3 +119,39 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
     app.include_router(models.router, dependencies=[Depends(current_principal)], responses=ERRORS)
     app.include_router(preflight.router, responses=ERRORS)
     return app
+
+
+def add_offline_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc (ReDoc) with every script, style and icon served from
+    DOCS_ASSETS_URL, so the pages reference no host but this app's."""
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=str(DOCS_ASSETS_DIR)), name="docs-assets")
+    oauth2_redirect_url = app.swagger_ui_oauth2_redirect_url
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=f"{root}{oauth2_redirect_url}",
+            swagger_js_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            # No badge that sends the spec to the public validator.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get(oauth2_redirect_url, include_in_schema=False)
+    async def swagger_ui_oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            with_google_fonts=False,
+        )

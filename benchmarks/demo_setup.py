@@ -20,10 +20,12 @@ def demo_inputs(tmp: Path) -> tuple[Path, Path, RunSpec]:
 
 
 def loopback_settings(home: Path, first_port: int, **overrides) -> Settings:
-    """Settings for a stack under home whose API, Temporal and UI ports are free ones from first_port on."""
+    """Settings for a stack under home whose API, Temporal and UI ports are free ones from first_port on.
+    The folder holding home is an allowed root: demo_inputs writes the model and data beside home."""
     from cli.stack import port_in_use
 
     ports = [p for p in range(first_port, first_port + 100) if not port_in_use("127.0.0.1", p)][:3]
+    overrides.setdefault("allowed_roots", str(home.parent))
     return Settings(
         home=home, api_port=ports[0], temporal_address=f"127.0.0.1:{ports[1]}", temporal_ui_port=ports[2], **overrides
     )

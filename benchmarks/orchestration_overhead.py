@@ -41,7 +41,7 @@ def bare_run(spec: RunSpec, out: Path) -> tuple[float, dict]:
     from worker_gpu.recipe_lora import LoraRecipe, eval_loss
 
     started = time.perf_counter()
-    plan = build_plan("bare", spec, db=None, store=None)
+    plan = build_plan("bare", spec, db=None, store=None, roots=(Path(spec.dataset).resolve().parent,))
     examples, _ = read_dataset(Path(spec.dataset))
     tok = load_tokenizer(plan.base_model_path)
     train_idx, eval_idx = deterministic_split(len(examples), spec.eval_fraction, spec.hyperparameters.seed)

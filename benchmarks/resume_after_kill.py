@@ -84,14 +84,14 @@ def main() -> None:
                 # Kill part-way into a chunk: 70% of the way to the next checkpoint.
                 target = (k + 1) * args.chunk + int(args.chunk * 0.7)
                 wait(lambda: (db.get_run(run_id).step or 0) >= target)
-                old_pid = json.loads((settings.home / "pids.json").read_text())["worker_gpu"]
+                old_pid = json.loads((settings.home / "pids.json").read_text())["services"]["worker_gpu"]["pid"]
                 killed_at_step = db.get_run(run_id).step
                 t_kill = time.time()
                 os.kill(old_pid, signal.SIGKILL)
                 # The supervisor thread restarts the worker and rewrites pids.json.
                 t_restart = wait(
                     lambda: time.time()
-                    if json.loads((settings.home / "pids.json").read_text())["worker_gpu"] != old_pid
+                    if json.loads((settings.home / "pids.json").read_text())["services"]["worker_gpu"]["pid"] != old_pid
                     else None
                 )
                 resumed = wait(

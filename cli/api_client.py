@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from pathlib import Path
 
@@ -12,10 +14,41 @@ class ApiError(RuntimeError):
     pass
 
 
+class ApiUnreachable(ApiError):
+    """Nothing answers at the API's address: a message for a person, not a traceback."""
+
+
+class _Http(httpx.Client):
+    """httpx, with a refused or timed-out connection turned into ApiUnreachable for every
+    request (streams included), so no command shows a ConnectError traceback."""
+
+    def __init__(self, *, unreachable, **kwargs):
+        super().__init__(**kwargs)
+        self._unreachable = unreachable
+
+    def send(self, request, **kwargs):
+        try:
+            return super().send(request, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise ApiUnreachable(self._unreachable(exc)) from None
+
+
 class ApiClient:
-    def __init__(self, base_url: str, timeout: float = 60, token: str | None = None):
+    """The API at `base_url`. `source` says where that address came from and `start_hint`
+    how to start a stack there; both go into the message when nothing answers."""
+
+    def __init__(
+        self, base_url: str, timeout: float = 60, token: str | None = None,
+        source: str = "", start_hint: str = "start the stack with `lockn-tune up` (or `make up`)",
+    ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
+        self.base_url, self.source, self.start_hint = base_url, source, start_hint
+        self.http = _Http(base_url=base_url, timeout=timeout, headers=headers, unreachable=self._unreachable)
+
+    def _unreachable(self, exc: Exception) -> str:
+        reason = re.sub(r"^\[Errno -?\d+\]\s*", "", str(exc)) or type(exc).__name__
+        source = f" ({self.source})" if self.source else ""
+        return f"cannot reach the LockN Tune API at {self.base_url}{source}: {reason}.\n{self.start_hint}"
 
     def _check(self, r: httpx.Response) -> dict:
         if r.status_code >= 400:
@@ -39,7 +72,7 @@ class ApiClient:
                 if r.status_code == 200:
                     return
                 last = r.text
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, ApiUnreachable) as exc:  # not up yet: keep waiting
                 last = str(exc)
             time.sleep(0.5)
         raise ApiError(f"the API at {self.http.base_url} is not healthy: {last}")
@@ -72,3 +105,28 @@ class ApiClient:
 
     def cancel_run(self, run_id: str) -> dict:
         return self._check(self.http.post(f"/v1/runs/{run_id}/cancel"))
+
+    def run_events(self, run_id: str, after: int = 0) -> list[dict]:
+        """The run's events after event id `after` (state changes, progress, warnings), oldest
+        first: one window of the SSE stream, read without following."""
+        r = self.http.get(
+            f"/v1/runs/{run_id}/events", params={"follow": "false"}, headers={"Last-Event-ID": str(after)}
+        )
+        if r.status_code >= 400:
+            self._check(r)
+        events = []
+        for block in r.text.split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
+            if "data" in fields and fields.get("event") != "end":
+                events.append(json.loads(fields["data"]))
+        return events
+
+    def list_datasets(self, project: str | None = None) -> list[dict]:
+        params = {"project": project} if project else {}
+        body = self._check(self.http.get("/v1/datasets", params=params))
+        return body["datasets"] if isinstance(body, dict) else body
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        r = self.http.delete(f"/v1/datasets/{dataset_id}")
+        if r.status_code >= 400:
+            self._check(r)

@@ -9,33 +9,66 @@ import json
 import random
 from pathlib import Path
 
-COLORS = {"red": "rouge", "blue": "bleu", "green": "vert", "black": "noir", "white": "blanc", "yellow": "jaune"}
-CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "Egypt": "Cairo", "Peru": "Lima"}
-ANIMALS = ["cat", "dog", "cow", "fox", "owl", "bee", "pig", "hen"]
-GREETINGS = {"Say hello politely.": "Hello, it is nice to meet you.", "Say goodbye politely.": "Goodbye, have a nice day."}
+COLORS = {
+    "red": "rouge", "blue": "bleu", "green": "vert", "black": "noir", "white": "blanc", "yellow": "jaune",
+    "pink": "rose", "gray": "gris", "brown": "marron", "orange": "orange", "purple": "violet", "gold": "or",
+}
+CAPITALS = {
+    "France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "Egypt": "Cairo", "Peru": "Lima",
+    "Germany": "Berlin", "Greece": "Athens", "Kenya": "Nairobi", "Chile": "Santiago", "Cuba": "Havana",
+    "Norway": "Oslo", "Poland": "Warsaw", "Ireland": "Dublin", "Austria": "Vienna", "Portugal": "Lisbon",
+}
+ANIMALS = [
+    "cat", "dog", "cow", "fox", "owl", "bee", "pig", "hen", "ant", "bat", "eel", "elk", "emu", "yak", "ram",
+    "goat", "duck", "frog", "lion", "wolf", "bear", "deer", "crab", "mole", "seal", "swan", "toad", "wasp",
+]
+GREETINGS = {
+    "Say hello politely.": "Hello, it is nice to meet you.",
+    "Say goodbye politely.": "Goodbye, have a nice day.",
+    "Say thank you politely.": "Thank you very much.",
+    "Say sorry politely.": "I am sorry about that.",
+}
+UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
+TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 SYSTEM = "You are a concise assistant."
 
 
+def _in_words(n: int) -> str:
+    if n < 20:
+        return UNITS[n]
+    return TENS[n // 10] + ("" if n % 10 == 0 else f"-{UNITS[n % 10]}")
+
+
+def _tasks() -> list[list[dict]]:
+    """Every distinct row the demo can draw, by task. A question always gets the same answer,
+    and no question repeats, so an eval split never holds copies of training rows."""
+    return [
+        [{"instruction": "Translate the color to French.", "input": c, "output": COLORS[c]} for c in sorted(COLORS)],
+        [{"instruction": f"What is the capital of {k}?", "input": "", "output": f"{CAPITALS[k]}."} for k in sorted(CAPITALS)],
+        [{"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)} for a in range(30) for b in range(30)],
+        [{"instruction": "Write the animal in uppercase.", "input": a, "output": a.upper()} for a in ANIMALS],
+        [{"instruction": q, "input": "", "output": a} for q, a in sorted(GREETINGS.items())],
+        [{"instruction": "Write the number in words.", "input": str(n), "output": _in_words(n)} for n in range(100)],
+        [{"instruction": f"What number comes after {n}?", "input": "", "output": str(n + 1)} for n in range(200)],
+    ]
+
+
 def _rows(rows: int, seed: int) -> list[dict]:
+    """`rows` distinct rows: a task drawn at random, then one of its rows not drawn yet.
+
+    Rows are drawn one after another, so fewer rows with the same seed are a prefix of more.
+    """
     rng = random.Random(seed)
+    pools = _tasks()
+    for pool in pools:
+        rng.shuffle(pool)
+    capacity = sum(map(len, pools))
+    if rows > capacity:
+        raise ValueError(f"the demo dataset has {capacity} distinct rows; ask for at most that many (not {rows})")
     out = []
     for _ in range(rows):
-        kind = rng.randrange(5)
-        if kind == 0:
-            c = rng.choice(sorted(COLORS))
-            out.append({"instruction": "Translate the color to French.", "input": c, "output": COLORS[c]})
-        elif kind == 1:
-            country = rng.choice(sorted(CAPITALS))
-            out.append({"instruction": f"What is the capital of {country}?", "input": "", "output": f"{CAPITALS[country]}."})
-        elif kind == 2:
-            a, b = rng.randrange(10), rng.randrange(10)
-            out.append({"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)})
-        elif kind == 3:
-            animal = rng.choice(ANIMALS)
-            out.append({"instruction": "Write the animal in uppercase.", "input": animal, "output": animal.upper()})
-        else:
-            q = rng.choice(sorted(GREETINGS))
-            out.append({"instruction": q, "input": "", "output": GREETINGS[q]})
+        pool = rng.choice([p for p in pools if p])
+        out.append(pool.pop())
     return out
 
 

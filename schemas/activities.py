@@ -92,6 +92,7 @@ class TokenStats(BaseModel):
     truncated_rows: int
     truncated_share: float
     trained_tokens: int = Field(description="Tokens that carry loss (assistant/completion) in the train split.")
+    answer_lost_rows: int = Field(0, description="Train rows cut so short by max_seq_len that no answer token is left.")
 
 
 class DatasetSnapshot(BaseModel):
@@ -110,6 +111,16 @@ class DatasetSnapshot(BaseModel):
     eval_rows: int
     token_stats: TokenStats
     report: dict[str, Any] = Field(default_factory=dict)
+    distinct_rows: int | None = Field(None, description="Distinct rows of the dataset after rendering (None in older snapshots).")
+    eval_source: str | None = Field(None, description="The eval_dataset file eval rows come from; None: held out of dataset.")
+    eval_source_sha256: str | None = Field(None, description="sha256 of the raw eval_dataset file.")
+    eval_source_uri: str | None = Field(None, description="Artifact-store key of the raw eval_dataset copy.")
+    eval_excluded_rows: int = Field(0, description="eval_dataset rows left out because they also occur in dataset.")
+    eval_in_train_rows: int = Field(0, description="Eval rows that also occur, exactly, in the train split (0 by construction).")
+    eval_in_train_share: float = Field(0.0, description="eval_in_train_rows / eval_rows.")
+    eval_prompt_in_train_rows: int = Field(
+        0, description="Eval rows whose prompt occurs in the train split with another answer (near-duplicates)."
+    )
 
 
 class CheckpointRef(BaseModel):
@@ -159,13 +170,30 @@ class EvalResult(BaseModel):
     samples: list[EvalSample] = Field(default_factory=list)
 
 
+class PartialAdapter(BaseModel):
+    """Why an adapter is published from a checkpoint of a run that did not finish."""
+
+    step: int = Field(description="The checkpoint's optimizer step.")
+    total_steps: int = Field(description="The steps the run planned.")
+    run_state: str = Field(description="How the run ended: cancelled or failed.")
+    reason: str | None = Field(None, description="Why it failed, when it did.")
+
+
 class PublishInput(BaseModel):
     run_id: str
     plan: TrainingPlan
     snapshot: DatasetSnapshot
     checkpoint: CheckpointRef
-    baseline: EvalResult
-    tuned: EvalResult
+    baseline: EvalResult | None = Field(None, description="None when the run never finished its baseline eval.")
+    tuned: EvalResult | None = Field(None, description="None for a partial adapter: it was never evaluated.")
+    partial: PartialAdapter | None = Field(None, description="Set when publishing a checkpoint of an unfinished run.")
+
+
+class PublishCheckpointInput(BaseModel):
+    """Input of the PublishCheckpoint workflow: publish a stopped run's newest checkpoint."""
+
+    publish: PublishInput
+    cpu_task_queue: str
 
 
 class PublishResult(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -64,18 +64,33 @@ class EventView(BaseModel):
     data: dict[str, Any]
 
 
-class DatasetView(BaseModel):
+class DatasetRunRef(BaseModel):
     id: str
-    project: str
     name: str
+    state: RunState
+
+
+class DatasetSummary(BaseModel):
+    id: str = Field(description="Content-addressed per project: the same bytes uploaded again give this id.")
+    project: str
+    name: str = Field(description="Display name given at the first upload of these bytes.")
     sha256: str
     size_bytes: int
     shape: str | None
     total_rows: int
     valid_rows: int
     bad_rows: int
-    report: dict[str, Any] = Field(description="Validation report: problems with line numbers and reasons.")
     created_at: float
+    created_by: str | None = None
+    runs: list[DatasetRunRef] = Field(default_factory=list, description="Runs that use this dataset, oldest first.")
+
+
+class DatasetView(DatasetSummary):
+    report: dict[str, Any] = Field(description="Validation report: problems with line numbers and reasons.")
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetSummary]
 
 
 class Health(BaseModel):
@@ -89,6 +104,19 @@ class ArtifactDetail(ArtifactView):
     run_id: str
     project: str
     created_at: float
+
+
+class CheckpointPublishView(BaseModel):
+    """What POST /v1/runs/{id}/publish-checkpoint answers."""
+
+    run_id: str
+    status: Literal["published", "publishing"] = Field(
+        description="published: the artifact is ready; publishing: still copying, ask again (the same call) later."
+    )
+    step: int = Field(description="The checkpoint's step.")
+    total_steps: int = Field(description="The steps the run planned.")
+    workflow_id: str = Field(description="The PublishCheckpoint workflow (Temporal UI / CLI).")
+    artifact: ArtifactDetail | None = Field(None, description="The partial adapter, once published.")
 
 
 class ProjectCreate(BaseModel):

@@ -33,16 +33,50 @@ class TokenLengths(BaseModel):
     histogram_counts: list[int]
 
 
+class LongRow(BaseModel):
+    """A row longer than max_seq_len, and what truncation leaves of it."""
+
+    source: str = Field(description="The file the row is in (dataset or eval_dataset).")
+    line: int = Field(description="Line in that file.")
+    tokens: int = Field(description="Tokens of the whole row (estimated when tokens_exact is false).")
+    tokens_exact: bool = Field(description="False for very long rows, of which only the part that is kept is tokenized.")
+    answer_kept_share: float = Field(description="Share of the answer left after truncation; 0: the row has nothing to learn.")
+    effect: str = Field(description="What truncation does to this row, in words.")
+
+
+class RepeatedRow(BaseModel):
+    line: int = Field(description="Line of the row's first occurrence in the dataset file.")
+    occurrences: int = Field(description="How many rows are exact copies of it (itself included).")
+
+
 class DatasetPreflight(BaseModel):
     validation: DatasetReport
     samples: list[RenderedSample]
     token_lengths: TokenLengths
     measured_rows: int = Field(description="Rows tokenized for these statistics (all, or a deterministic sample).")
-    truncated_rows: int = Field(description="Rows (of measured_rows) longer than max_seq_len.")
-    truncated_share: float
-    duplicate_rows: int = Field(description="Rows that repeat an earlier row exactly.")
+    truncated_rows: int = Field(
+        description="Rows of dataset longer than max_seq_len: every row is checked (a cheap length bound, "
+        "then tokenizing each row that may exceed)."
+    )
+    truncated_share: float = Field(description="truncated_rows / valid rows of dataset.")
+    long_rows: list[LongRow] = Field(
+        default_factory=list, description="The first 50 rows (dataset, then eval_dataset) longer than max_seq_len."
+    )
+    long_rows_total: int = Field(0, description="All rows (dataset and eval_dataset) longer than max_seq_len.")
+    answer_lost_rows: int = Field(0, description="Of those, rows whose answer is cut entirely: they train on nothing.")
+    duplicate_rows: int = Field(description="Rows that repeat an earlier row exactly (after rendering).")
+    distinct_rows: int = Field(0, description="Distinct rows of dataset after rendering.")
+    most_repeated: list[RepeatedRow] = Field(default_factory=list, description="The most repeated rows, most first.")
     train_rows: int
     eval_rows: int
+    eval_source: str | None = Field(None, description="The eval_dataset file; None when eval is held out of dataset.")
+    eval_validation: DatasetReport | None = Field(None, description="Validation of the eval_dataset file.")
+    eval_excluded_rows: int = Field(0, description="eval_dataset rows left out of eval because they occur in dataset.")
+    eval_excluded_lines: list[int] = Field(default_factory=list, description="Their lines in eval_dataset (the first 50).")
+    eval_in_train_share: float = Field(0.0, description="Share of eval rows that also occur exactly in the train split.")
+    eval_prompt_in_train_rows: int = Field(
+        0, description="Eval rows whose prompt occurs in the train split with a different answer (near-duplicates)."
+    )
 
 
 class MemoryPlan(BaseModel):

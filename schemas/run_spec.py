@@ -110,15 +110,32 @@ class RunSpec(BaseModel):
     dataset: str = Field(
         ..., min_length=1, description="An uploaded dataset id (ds_...) or a path to a local JSONL file."
     )
+    eval_dataset: str | None = Field(
+        None,
+        min_length=1,
+        description="Optional validation file (an uploaded dataset id ds_... or a path), in the same shape as dataset; "
+        "when given, eval uses it instead of holding out eval_fraction of dataset, leaving out its rows that also "
+        "occur in dataset.",
+    )
     method: Method = Field(Method.lora, description="'lora' (full-precision base) or 'qlora' (4-bit NF4 base).")
     preset: Preset = Field(Preset.balanced, description="quick, balanced or thorough: the defaults for unset knobs.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    eval_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of valid rows held out for evaluation.")
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=0.5,
+        description="Share of valid rows held out for evaluation (exact copies stay together); unused with eval_dataset.",
+    )
     checkpoint_every_steps: int = Field(
         50, ge=1, description="Optimizer steps per training chunk; a checkpoint is committed after each."
     )
     keep_checkpoints: int = Field(
         3, ge=1, le=1000, description="Committed checkpoints kept: the newest N, plus the one with the best eval loss."
+    )
+    max_new_tokens: int = Field(
+        48,
+        ge=1,
+        le=4096,
+        description="Tokens generated per eval sample (baseline and tuned, side by side); at most half of "
+        "max_seq_len is used, and prompts are cut to their last tokens so prompt plus answer fit max_seq_len.",
     )
     eval_at_checkpoints: bool = Field(
         True, description="Measure eval loss at every checkpoint (for the best-checkpoint choice and the loss curve)."

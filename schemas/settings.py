@@ -6,11 +6,29 @@ Every process (API, workers, CLI, `lockn-tune up`) reads the same class, so one
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def hardware_task_queue_for(gpu_task_queue: str) -> str:
+    """The light task queue every worker_gpu also polls for hardware reports, so they never
+    wait behind training on the GPU queue. Workflows derive it with this one function too."""
+    return f"{gpu_task_queue}-hardware"
+
+
+def no_gpu_worker_message(gpu_task_queue: str, waited_s: float | None = None) -> str:
+    """What to say when no GPU worker answers: which queue, and how to start one."""
+    waited = f" within {waited_s:g} s" if waited_s else ""
+    return (
+        f"no GPU worker is running: nothing answered{waited} on task queue "
+        f"{hardware_task_queue_for(gpu_task_queue)!r} (worker_gpu serves it beside {gpu_task_queue!r}). "
+        f"Start one with `lockn-tune up`, or `python -m worker_gpu.main` with LOCKN_TUNE_GPU_TASK_QUEUE={gpu_task_queue} "
+        "and the same LOCKN_TUNE_TEMPORAL_ADDRESS as the API"
+    )
 
 
 class Settings(BaseSettings):
@@ -73,6 +91,13 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1")
     api_port: int = Field(8420)
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset upload accepted.")
+    # A string, not a list: `lockn-tune up` hands settings to its children as str(value).
+    allowed_roots: str = Field(
+        "",
+        description="Folders, separated by ':' (os.pathsep), from which a spec may name local datasets and base "
+        "models, besides home and the Hugging Face hub cache, which are always allowed; any other server path is "
+        "refused (upload the dataset instead).",
+    )
 
     heartbeat_every_s: float = Field(3.0, description="How often long activities heartbeat while busy.")
     progress_every_s: float = Field(1.0, description="How often training reports step and loss.")
@@ -84,6 +109,15 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'lockn-tune.db'}"
+
+    @property
+    def hardware_task_queue(self) -> str:
+        return hardware_task_queue_for(self.gpu_task_queue)
+
+    @property
+    def allowed_root_paths(self) -> list[Path]:
+        """allowed_roots as folders, as written (activities/local_paths.py resolves them)."""
+        return [Path(p.strip()) for p in self.allowed_roots.split(os.pathsep) if p.strip()]
 
     @property
     def artifacts_root(self) -> Path:

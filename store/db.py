@@ -103,6 +103,8 @@ class RunEventRow(SQLModel, table=True):
 
 class DatasetRow(SQLModel, table=True):
     __tablename__ = "datasets"
+    # Content-addressed per project: the same bytes uploaded again are the same dataset.
+    __table_args__ = (Index("uq_datasets_project_sha256", "project", "sha256", unique=True),)
 
     id: str = Field(primary_key=True)
     project: str = Field(index=True)
@@ -117,6 +119,16 @@ class DatasetRow(SQLModel, table=True):
     report: dict = Field(sa_column=Column(JSON, nullable=False))
     created_at: float = Field(default_factory=now)
     created_by: str | None = None
+
+
+class DatasetAliasRow(SQLModel, table=True):
+    """The id of a duplicate upload merged into `dataset_id` (migration 0003): runs' specs
+    and users' notes that carry the old id still find the dataset."""
+
+    __tablename__ = "dataset_aliases"
+
+    id: str = Field(primary_key=True)
+    dataset_id: str = Field(index=True)
 
 
 class ArtifactRow(SQLModel, table=True):
@@ -385,16 +397,76 @@ class AsyncDatabase:
 
     # datasets
 
-    async def add_dataset(self, row: DatasetRow) -> DatasetRow:
+    async def add_dataset(self, row: DatasetRow) -> tuple[DatasetRow, bool]:
+        """Insert a dataset unless its project already holds the same bytes: (row, created).
+        A concurrent upload of the same file ends with both callers holding one row."""
+        existing = await self.dataset_by_sha256(row.project, row.sha256)
+        if existing is not None:
+            return existing, False
         await self.ensure_project(row.project, row.created_by)
         async with self.session() as s:
             s.add(row)
-            await s.commit()
-        return row
+            try:
+                await s.commit()
+            except IntegrityError:
+                await s.rollback()
+                existing = await self.dataset_by_sha256(row.project, row.sha256)
+                if existing is None:
+                    raise
+                return existing, False
+        return row, True
+
+    async def dataset_by_sha256(self, project: str, sha256: str) -> DatasetRow | None:
+        q = select(DatasetRow).where(DatasetRow.project == project, DatasetRow.sha256 == sha256)
+        async with self.session() as s:
+            return (await s.exec(q)).first()
 
     async def get_dataset(self, dataset_id: str) -> DatasetRow | None:
+        """The dataset, also under the id of a duplicate merged into it."""
         async with self.session() as s:
-            return await s.get(DatasetRow, dataset_id)
+            row = await s.get(DatasetRow, dataset_id)
+            if row is None:
+                alias = await s.get(DatasetAliasRow, dataset_id)
+                if alias is not None:
+                    row = await s.get(DatasetRow, alias.dataset_id)
+            return row
+
+    async def list_datasets(
+        self, project: str | None = None, projects: frozenset[str] | None = None, limit: int = 100
+    ) -> list[DatasetRow]:
+        """Newest first. `projects` limits the answer to those the caller may see."""
+        q = select(DatasetRow).order_by(DatasetRow.created_at.desc(), DatasetRow.id).limit(limit)
+        if project:
+            q = q.where(DatasetRow.project == project)
+        if projects is not None:
+            q = q.where(DatasetRow.project.in_(sorted(projects)))
+        async with self.session() as s:
+            return list((await s.exec(q)).all())
+
+    async def runs_using_datasets(self, dataset_ids: list[str]) -> dict[str, list[RunRow]]:
+        """dataset id → the runs that name it, oldest first."""
+        if not dataset_ids:
+            return {}
+        q = select(RunRow).where(RunRow.dataset.in_(sorted(set(dataset_ids)))).order_by(RunRow.created_at, RunRow.id)
+        out: dict[str, list[RunRow]] = {i: [] for i in dataset_ids}
+        async with self.session() as s:
+            for run in (await s.exec(q)).all():
+                out[run.dataset].append(run)
+        return out
+
+    async def delete_dataset(self, dataset_id: str) -> bool:
+        """Delete the dataset's row and its aliases; True when its stored file is now used
+        by no dataset of any project (the caller may delete it). False when there is no such dataset."""
+        async with self.session() as s:
+            row = await s.get(DatasetRow, dataset_id)
+            if row is None:
+                return False
+            for alias in (await s.exec(select(DatasetAliasRow).where(DatasetAliasRow.dataset_id == dataset_id))).all():
+                await s.delete(alias)
+            await s.delete(row)
+            await s.commit()
+            others = (await s.exec(select(DatasetRow.id).where(DatasetRow.store_key == row.store_key))).first()
+            return others is None
 
     # artifacts
 

@@ -49,7 +49,8 @@ async def start_dev_server() -> WorkflowEnvironment:
 
 
 def stack_settings(home: Path) -> Settings:
-    """Settings for in-process workers: a fresh home and task queues, quick heartbeats."""
+    """Settings for in-process workers: a fresh home and task queues, quick heartbeats.
+    allowed_roots comes from LOCKN_TUNE_ALLOWED_ROOTS, set for the session by `test_roots`."""
     tag = uuid.uuid4().hex[:8]
     home.mkdir(parents=True, exist_ok=True)
     return Settings(
@@ -66,6 +67,23 @@ async def running_workers(client: Client, settings: Settings, db: Database):
     with ThreadPoolExecutor(8) as cpu_pool, ThreadPoolExecutor(2) as gpu_pool:
         async with cpu_worker(client, settings, cpu_pool, db), gpu_worker(client, settings, gpu_pool, db):
             yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_roots(tmp_path_factory):
+    """A test setting: pytest's base temp folder is an allowed root (LOCKN_TUNE_ALLOWED_ROOTS)
+    for the whole session. The tiny model and the datasets live there, outside each stack's
+    home, and every stack reads the variable: in-process ones through stack_settings,
+    `lockn-tune up` subprocesses through the environment they inherit. Tests of the path
+    rule itself set narrower roots on their own settings."""
+    roots = str(tmp_path_factory.getbasetemp().resolve())
+    before = os.environ.get("LOCKN_TUNE_ALLOWED_ROOTS")
+    os.environ["LOCKN_TUNE_ALLOWED_ROOTS"] = roots
+    yield roots
+    if before is None:
+        os.environ.pop("LOCKN_TUNE_ALLOWED_ROOTS", None)
+    else:
+        os.environ["LOCKN_TUNE_ALLOWED_ROOTS"] = before
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -31,6 +31,7 @@ from schemas.settings import Settings
 from store.artifacts import open_store
 from store.db import Database
 from workflows.preflight import InspectHardware, PreflightLLM
+from workflows.publish_checkpoint import PublishCheckpoint
 from workflows.tune_llm import TuneLLM
 
 log = structlog.get_logger(__name__)
@@ -44,7 +45,7 @@ def build_worker(
     return Worker(
         client,
         task_queue=task_queue or settings.cpu_task_queue,
-        workflows=[TuneLLM, PreflightLLM, InspectHardware],
+        workflows=[TuneLLM, PreflightLLM, InspectHardware, PublishCheckpoint],
         activities=activities.all(),
         activity_executor=executor,
         max_concurrent_activities=executor._max_workers,

@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import math
 
 import structlog
 from fastapi import APIRouter, Header, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
-from temporalio.client import Client, WorkflowUpdateFailedError
+from starlette.concurrency import run_in_threadpool
+from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.common import WorkflowIDReusePolicy
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from api.deps import DbDep, PrincipalDep, Role, SettingsDep, TemporalDep
+from activities.base_model import local_model_dir
+from activities.local_paths import PathRefused, allowed_path, allowed_roots
+from api.deps import DbDep, PrincipalDep, Role, SettingsDep, StoreDep, TemporalDep
 from schemas import search_attributes as sa
-from schemas.activities import RunInput
-from schemas.api import ArtifactDetail, ArtifactView, EventView, RunList, RunView
+from schemas.activities import (
+    CheckpointRef,
+    DatasetSnapshot,
+    EvalResult,
+    PartialAdapter,
+    PublishCheckpointInput,
+    PublishInput,
+    PublishResult,
+    RunInput,
+    TrainingPlan,
+)
+from schemas.api import ArtifactDetail, ArtifactView, CheckpointPublishView, EventView, RunList, RunView
 from schemas.preflight import PreflightReport
 from schemas.run_spec import RunSpec
 from schemas.run_state import RunState, RunStatus
 from schemas.settings import Settings
+from store.artifacts import ArtifactStore
+from store.checkpoints import checkpoint_prefix, committed_steps
 from store.db import AsyncDatabase, RunRow, new_id
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
@@ -54,22 +72,38 @@ async def get_visible_run(db: AsyncDatabase, principal, run_id: str, role: Role 
 
 
 async def check_dataset(db: AsyncDatabase, settings: Settings, principal, spec: RunSpec) -> None:
-    """The spec's dataset must be one the caller may use: an uploaded dataset of the same
-    project, or (embedded stack only) a file on this machine."""
-    if spec.dataset.startswith("ds_"):
-        ds = await db.get_dataset(spec.dataset)
-        if ds is None or ds.project != spec.project or not principal.can(ds.project, Role.viewer):
+    """The spec's data (dataset, and eval_dataset when given) must be data the caller may use:
+    an uploaded dataset of the same project, or (auth off only) a file under the allowed roots;
+    a local base_model must be under the allowed roots too (activities/local_paths.py). Checked
+    before any workflow starts, so a refused path is never opened; a 422 names the field."""
+    roots = allowed_roots(settings)
+    for field in ("dataset", "eval_dataset"):
+        value = getattr(spec, field, None)
+        if value is None:
+            continue
+        if value.startswith("ds_"):
+            ds = await db.get_dataset(value)
+            if ds is None or ds.project != spec.project or not principal.can(ds.project, Role.viewer):
+                raise HTTPException(
+                    422,
+                    f"{field} {value!r} not found in project {spec.project!r}; "
+                    "upload it with POST /v1/datasets?project=" + spec.project,
+                )
+        elif settings.auth_enabled:
             raise HTTPException(
                 422,
-                f"dataset {spec.dataset!r} not found in project {spec.project!r}; "
-                "upload it with POST /v1/datasets?project=" + spec.project,
+                f"{field} {value!r}: with auth on, a run names an uploaded dataset by id (ds_...), not a path "
+                "on the server; upload it with POST /v1/datasets first",
             )
-    elif settings.auth_enabled:
-        raise HTTPException(
-            422,
-            f"dataset {spec.dataset!r}: with auth on, a run names an uploaded dataset by id (ds_...), not a path "
-            "on the server; upload it with POST /v1/datasets first",
-        )
+        else:
+            try:
+                allowed_path(value, field, roots)
+            except PathRefused as exc:
+                raise HTTPException(422, str(exc)) from None
+    try:
+        local_model_dir(spec.base_model, roots)
+    except PathRefused as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 async def start_run_workflow(client: Client, settings: Settings, run_id: str, spec: RunSpec):
@@ -225,6 +259,117 @@ async def run_artifacts(run_id: str, db: DbDep, principal: PrincipalDep) -> list
     """The run's published artifacts with their lineage manifests (viewer)."""
     row = await get_visible_run(db, principal, run_id)
     return [ArtifactDetail(**a.model_dump(), project=row.project) for a in await db.artifacts(run_id)]
+
+
+async def _newest_checkpoint(store: ArtifactStore, run_id: str) -> CheckpointRef | None:
+    """The newest committed checkpoint (publish verifies its files against the manifest)."""
+    for step in await run_in_threadpool(committed_steps, store, run_id):
+        key = f"{checkpoint_prefix(run_id, step)}/manifest.json"
+        try:
+            raw = await run_in_threadpool(store.get_bytes, key)
+            json.loads(raw)
+        except (OSError, ValueError):
+            continue
+        return CheckpointRef(manifest_key=key, step=step, manifest_sha256=hashlib.sha256(raw).hexdigest())
+    return None
+
+
+def _innermost(exc: BaseException) -> str:
+    cause = exc
+    while getattr(cause, "cause", None) is not None:
+        cause = cause.cause
+    return str(getattr(cause, "message", cause))
+
+
+@router.post(
+    "/{run_id}/publish-checkpoint",
+    response_model=CheckpointPublishView,
+    responses={202: {"model": CheckpointPublishView, "description": "Still publishing: call again for the artifact"}},
+)
+async def publish_checkpoint(
+    run_id: str,
+    response: Response,
+    db: DbDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    client: TemporalDep,
+    principal: PrincipalDep,
+    wait_s: float = Query(60, ge=0, le=300, description="Wait this long for the adapter before answering 202."),
+) -> CheckpointPublishView:
+    """Publish the newest committed checkpoint of a cancelled or failed run as a partial
+    adapter (operator): the same files, manifest and model card as a finished run's, saying
+    from which step of how many it comes, without a tuned eval. 200 with the artifact when
+    done (also on a repeated call); 202 while still copying; 409 when the run is still going,
+    succeeded (its adapter is published already) or has no checkpoint."""
+    row = await get_visible_run(db, principal, run_id, Role.operator)
+    state = RunState(row.state)
+    if state == RunState.succeeded:
+        raise HTTPException(
+            409, f"run {run_id} succeeded: its adapter is already published ({row.adapter_path or row.adapter_uri}); "
+            f"see GET /v1/runs/{run_id}/artifacts",
+        )
+    if not state.terminal:
+        raise HTTPException(
+            409, f"run {run_id} is still {state.value}: cancel it first (POST /v1/runs/{run_id}/cancel) "
+            "or let it finish, which publishes its adapter",
+        )
+    wid = f"{run_id}-publish-checkpoint"  # one per run: a repeated call finds the same workflow
+    published = next((a for a in await db.artifacts(run_id) if a.kind == "adapter"), None)
+    if published is not None:
+        m = published.manifest
+        return CheckpointPublishView(
+            run_id=run_id, status="published", step=m.get("parent", {}).get("step", row.step),
+            total_steps=m.get("hyperparameters", {}).get("total_steps", row.total_steps or 0), workflow_id=wid,
+            artifact=ArtifactDetail(**published.model_dump(), project=row.project),
+        )
+    ckpt = await _newest_checkpoint(store, run_id) if row.plan and row.dataset_snapshot else None
+    if ckpt is None:
+        raise HTTPException(
+            409, f"run {run_id} has no committed checkpoint: it was {state.value} at step {row.step}, before its "
+            f"first checkpoint (every {row.spec.get('checkpoint_every_steps')} steps); there is no adapter to publish",
+        )
+    plan = TrainingPlan.model_validate(row.plan)
+    baseline = None
+    if row.baseline_eval_loss is not None:
+        # Only the loss is on the run row; the manifest reads loss and perplexity.
+        loss = row.baseline_eval_loss
+        baseline = EvalResult(label="baseline", loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=0)
+    inp = PublishCheckpointInput(
+        publish=PublishInput(
+            run_id=run_id, plan=plan, snapshot=DatasetSnapshot.model_validate(row.dataset_snapshot),
+            checkpoint=ckpt, baseline=baseline,
+            partial=PartialAdapter(step=ckpt.step, total_steps=plan.total_steps, run_state=state.value, reason=row.error),
+        ),
+        cpu_task_queue=settings.cpu_task_queue,
+    )
+    try:
+        handle = await client.start_workflow(
+            "PublishCheckpoint", inp, id=wid, task_queue=settings.cpu_task_queue,
+            # A publish that failed (say, on a corrupt file) may be tried again; a done one is found.
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+            result_type=PublishResult,
+        )
+    except WorkflowAlreadyStartedError:
+        handle = client.get_workflow_handle(wid, result_type=PublishResult)
+    except RPCError as exc:
+        raise HTTPException(503, f"could not start the publish on Temporal ({exc.message}); is the stack running?") from None
+    view = CheckpointPublishView(
+        run_id=run_id, status="publishing", step=ckpt.step, total_steps=plan.total_steps, workflow_id=wid
+    )
+    try:
+        await asyncio.wait_for(handle.result(), timeout=wait_s)
+    except asyncio.TimeoutError:
+        response.status_code = 202
+        return view
+    except WorkflowFailureError as exc:
+        raise HTTPException(
+            409, f"could not publish checkpoint step {ckpt.step} of run {run_id}: {_innermost(exc)}"
+        ) from None
+    artifact = next(a for a in await db.artifacts(run_id) if a.kind == "adapter")
+    log.info("run.checkpoint_published", run_id=run_id, step=ckpt.step, uri=artifact.uri)
+    return view.model_copy(
+        update={"status": "published", "artifact": ArtifactDetail(**artifact.model_dump(), project=row.project)}
+    )
 
 
 EVENT_LOOKBACK = 50

@@ -172,3 +172,35 @@ def test_template_that_drops_an_answer_gives_it_no_loss():
     tokenizer = _tokenizer("{{ messages[-1]['content'] }}{% if add_generation_prompt %}A:{% endif %}")
     r = render_example(CHAT, tokenizer, max_seq_len=64)
     assert learned(tokenizer, r) == "Why did the chicken cross the road?"
+
+
+def test_a_very_long_row_is_tokenized_only_as_far_as_truncation_needs(chatml):
+    words = " ".join(["sky", "blue", "green", "grass", "joke", "road"][i % 6] for i in range(60_000))
+    huge = Example(line=7, shape=DatasetShape.completion, prompt=words, completion=" blue and green.")
+    r = render_example(huge, chatml, max_seq_len=256)
+    whole = chatml(words + " blue and green." + EOT, add_special_tokens=False)["input_ids"]
+    assert r.truncated and r.input_ids == whole[:256]
+    assert not r.length_exact and abs(r.length_before_truncation - len(whole)) < 0.05 * len(whole)
+    assert r.answer_kept_share == 0  # the answer is far past the cut: nothing of it is learned
+
+
+def test_answer_kept_share_says_how_much_of_the_answer_survives(chatml):
+    row = Example(line=1, shape=DatasetShape.completion, prompt="The sky is", completion=" blue and green." * 4)
+    full = render_example(row, chatml, max_seq_len=1024)
+    answer = sum(1 for t in full.labels if t != IGNORE)
+    prompt = len(full.labels) - answer
+    r = render_example(row, chatml, max_seq_len=prompt + answer // 2)
+    assert r.truncated and r.length_exact and r.length_before_truncation == len(full.input_ids)
+    assert r.answer_kept_share == (answer // 2) / answer
+    assert render_example(row, chatml, max_seq_len=1024).answer_kept_share == 1.0
+
+
+def test_rendered_text_keys_name_copies_and_shared_prompts(chatml):
+    from activities.dataset_render import render_text
+
+    a = render_text(COMPLETION, chatml)
+    same = render_text(Example(line=9, shape=DatasetShape.completion, prompt="The sky is", completion=" blue and green."), chatml)
+    other = render_text(Example(line=3, shape=DatasetShape.completion, prompt="The sky is", completion=" grey."), chatml)
+    assert a.key == same.key and a.key != other.key
+    assert a.prompt_key == other.prompt_key is not None
+    assert not a.may_exceed(64) and a.may_exceed(8)

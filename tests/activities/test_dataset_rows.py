@@ -14,9 +14,11 @@ import pytest
 
 from activities.dataset_rows import (
     DatasetRefused,
+    count_duplicates,
     deterministic_split,
     read_dataset,
     read_dataset_or_raise,
+    split_rows,
     split_sizes,
 )
 from schemas.datasets import DatasetShape
@@ -237,6 +239,57 @@ def test_split_is_deterministic_and_sized():
         assert split_sizes(n, fraction) == expected
         tr, ev = deterministic_split(n, fraction, seed=0)
         assert (len(tr), len(ev)) == expected
+
+
+def test_copies_never_straddle_the_split():
+    # 300 rows: 60 distinct rows once each, and 40 rows copied 3 to 12 times.
+    keys = [f"once{i}" for i in range(60)] + [f"copy{i % 40}" for i in range(240)]
+    for seed in range(20):
+        train, held = deterministic_split(len(keys), 0.1, seed, keys)
+        assert sorted(train + held) == list(range(300))
+        assert not {keys[i] for i in train} & {keys[i] for i in held}, f"seed {seed}: a copy on both sides"
+        assert abs(len(held) - 30) <= 5, len(held)  # within a group's size of 10%
+        assert (train, held) == deterministic_split(len(keys), 0.1, seed, keys)
+    assert deterministic_split(300, 0.1, 1, keys)[1] != deterministic_split(300, 0.1, 2, keys)[1]
+
+
+def test_distinct_keys_split_exactly_as_before():
+    # Runs on datasets without copies keep the split they always had.
+    for n, seed in [(100, 3), (57, 0), (1000, 42)]:
+        assert deterministic_split(n, 0.1, seed, [f"row{i}" for i in range(n)]) == deterministic_split(n, 0.1, seed)
+
+
+def test_groups_bigger_than_the_target_still_leave_an_eval_side():
+    keys = ["a"] * 50 + ["b"] * 30 + ["c"] * 20
+    train, held = deterministic_split(100, 0.1, 0, keys)
+    assert [keys[i] for i in held] == ["c"] * 20 and len(train) == 80
+    assert deterministic_split(10, 0.1, 0, ["same"] * 10) == (list(range(10)), [])
+
+
+def test_duplicates_are_counted_with_their_multiplicity():
+    dup = count_duplicates([1, 2, 3, 4, 5, 6], ["x", "y", "x", "x", "z", "y"])
+    assert (dup.rows, dup.distinct, dup.repeats) == (6, 3, 3)
+    assert dup.most_repeated == [(1, 3), (2, 2)]
+
+
+def test_eval_file_rows_that_train_are_left_out():
+    train_keys = ["a", "b", "c", "d"]
+    split = split_rows(train_keys, ["pa", "pb", "pc", "pd"], 0.1, 0, ["b", "e", "f", "d"], ["pb", "pe", "pa", "pd"])
+    assert split.train == [0, 1, 2, 3]
+    assert split.excluded == [0, 3] and split.eval == [1, 2]
+    assert split.eval_in_train == 0
+    assert split.eval_prompt_in_train == 1  # "f" asks what "a" asks, with another answer
+
+
+def test_held_out_split_measures_its_own_overlap():
+    keys = [f"r{i}" for i in range(40)] + ["r0"] * 5
+    prompts = [f"p{i % 20}" for i in range(40)] + ["p0"] * 5  # every prompt asked twice, with two answers
+    split = split_rows(keys, prompts, 0.2, 0)
+    assert split.eval_in_train == 0 and split.excluded == []
+    held_prompts = {prompts[i] for i in split.eval}
+    train_prompts = {prompts[i] for i in split.train}
+    assert split.eval_prompt_in_train == sum(1 for i in split.eval if prompts[i] in train_prompts) > 0
+    assert held_prompts
 
 
 def test_module_stays_light():

@@ -4,6 +4,8 @@ that say what to change, dataset checks. The hardware is given as the worker rep
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,8 @@ from activities.memory_estimate import ModelShape, estimate_training_memory
 from activities.preflight import preflight_report
 from schemas.run_spec import RunSpec
 
+# Where local models and datasets may be: the tests' own files live under the temp folder.
+ROOTS = (Path(tempfile.gettempdir()).resolve(),)
 CPU = {"device": "cpu", "cpu_count": 2, "memory_available_bytes": 16 * 2**30, "bitsandbytes_usable": True, "disk_free_bytes": 50 * 2**30}
 
 
@@ -19,7 +23,7 @@ def spec(model, data, **over) -> RunSpec:
 
 
 def report(model, data, hardware=CPU, **over):
-    return preflight_report("run_test", spec(model, data, **over), db=None, store=None, hardware=hardware)
+    return preflight_report("run_test", spec(model, data, **over), db=None, store=None, hardware=hardware, roots=ROOTS)
 
 
 def test_every_unset_knob_gets_a_value_and_a_reason(tiny_model, datasets):
@@ -63,16 +67,131 @@ def test_samples_show_what_the_model_sees_and_learns(tiny_model, datasets):
 def test_truncating_max_seq_len_is_refused_with_a_fix(tiny_model, datasets):
     r = report(tiny_model, datasets["instruction"], hyperparameters={"max_seq_len": 16})
     assert not r.ok
-    assert any("max_seq_len 16 truncates 100% of rows" in e and "raise it to 256" in e for e in r.errors)
+    assert any("max_seq_len 16 truncates 100% of rows" in e and "Raise it to 256" in e for e in r.errors)
 
 
-def test_duplicates_are_counted(tiny_model, tmp_path):
-    rows = [{"prompt": f"Say {i % 10}", "completion": f" {i % 10}"} for i in range(60)]
-    path = tmp_path / "dup.jsonl"
+def write_rows(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = report(tiny_model, path)
-    assert r.dataset.duplicate_rows == 50
-    assert any("50 rows repeat an earlier row" in w for w in r.warnings)
+    return path
+
+
+def distinct_rows(n):
+    return [{"prompt": f"Add {i // 100} and {i % 100}:", "completion": f" {i // 100 + i % 100}"} for i in range(n)]
+
+
+def test_a_mostly_duplicate_dataset_is_refused_with_the_real_multiplicity(tiny_model, tmp_path):
+    rows = [{"prompt": f"Say {i % 10}", "completion": f" {i % 10}"} for i in range(60)]
+    r = report(tiny_model, write_rows(tmp_path / "dup.jsonl", rows))
+    assert not r.ok
+    assert r.dataset.duplicate_rows == 50 and r.dataset.distinct_rows == 10
+    assert any("mostly duplicates: 10 distinct rows among 60" in e and "the row at line 1 occurs 6 times" in e for e in r.errors)
+    assert not any("weigh double" in m for m in r.errors + r.warnings)
+
+
+def test_some_duplicates_are_warned_with_their_multiplicity_and_stay_out_of_eval(tiny_model, tmp_path):
+    rows = distinct_rows(100)
+    rows[3:3] = [rows[2]] * 199  # line 3 occurs 200 times: 101 distinct rows among 299 would be refused...
+    r = report(tiny_model, write_rows(tmp_path / "dup.jsonl", rows))
+    assert not r.ok and "the row at line 3 occurs 200 times" in r.errors[0]
+    rows = distinct_rows(300) + [distinct_rows(300)[7]] * 49  # ...300 distinct among 349 is warned
+    r = report(tiny_model, write_rows(tmp_path / "some.jsonl", rows))
+    assert r.ok, r.errors
+    assert any("49 rows of some.jsonl are exact copies" in w and "the row at line 8 occurs 50 times" in w
+               and "300 distinct rows among 349" in w for w in r.warnings)
+    assert r.dataset.eval_in_train_share == 0
+    assert r.plan.train_rows + r.plan.eval_rows == 349 and abs(r.plan.eval_rows - 35) <= 50
+
+
+def test_every_over_long_row_is_reported_with_its_line_and_what_is_cut(tiny_model, tmp_path):
+    """More rows than preflight samples for statistics, a few of them ~1 MB: each one is found."""
+    rows = distinct_rows(6000)
+    megabyte = "sky blue green grass " * 50_000
+    big_lines = [1200, 3001, 5999]
+    for line in big_lines:
+        rows[line - 1] = {"prompt": megabyte + f"{line}?", "completion": " yes"}
+    rows[99] = {"prompt": "Spell it:", "completion": " word" * 600}  # line 100: half the answer fits
+    r = report(tiny_model, write_rows(tmp_path / "long.jsonl", rows), hyperparameters={"max_seq_len": 512})
+    assert r.ok, r.errors
+    warning = next((w for w in r.warnings if "max_seq_len 512 truncates" in w), None)
+    assert warning, r.warnings
+    assert r.dataset.truncated_rows == r.dataset.long_rows_total == 4 and r.dataset.answer_lost_rows == 3
+    assert [row.line for row in r.dataset.long_rows] == [100, 1200, 3001, 5999]
+    assert "(4 of 6,000)" in warning and "3 of them lose their whole answer" in warning
+    for line in big_lines:
+        assert f"line {line}: about " in warning
+    assert "cut to 512: the whole answer is cut, the row trains on nothing" in warning
+    assert "line 100: about" not in warning and "of the answer is cut" in warning  # tokenized whole: exact
+    cut = next(row for row in r.dataset.long_rows if row.line == 100)
+    assert 0.1 < 1 - cut.answer_kept_share < 0.9 and cut.tokens_exact
+
+
+def test_a_few_truncated_rows_are_listed_and_the_list_is_bounded(tiny_model, tmp_path):
+    rows = distinct_rows(400)
+    for i in range(0, 400, 20):
+        rows[i] = {"prompt": "Spell it:", "completion": f" {i}" + " word" * 300}
+    r = report(tiny_model, write_rows(tmp_path / "some-long.jsonl", rows), hyperparameters={"max_seq_len": 256})
+    assert r.ok, r.errors
+    warning = next(w for w in r.warnings if "max_seq_len 256 truncates 5% of rows (20 of 400)" in w)
+    assert warning.count("cut to 256") == 10 and "and 10 more" in warning
+
+
+def test_an_eval_dataset_replaces_the_held_out_split(tiny_model, tmp_path):
+    from cli.demo_data import write_demo_dataset
+
+    train = write_demo_dataset(tmp_path / "train.jsonl", rows=200, seed=0)
+    fresh = write_demo_dataset(tmp_path / "fresh.jsonl", rows=230, seed=0).read_text().splitlines()[200:]
+    held = write_rows(tmp_path / "valid.jsonl", [json.loads(x) for x in fresh])
+    r = report(tiny_model, train, eval_dataset=str(held))
+    assert r.ok, r.errors
+    assert (r.plan.train_rows, r.plan.eval_rows) == (200, 30)
+    assert r.dataset.eval_source == "valid.jsonl" and r.dataset.eval_excluded_rows == 0
+
+
+def test_eval_rows_that_also_train_are_left_out_with_their_lines(tiny_model, tmp_path):
+    from cli.demo_data import write_demo_dataset
+
+    lines = write_demo_dataset(tmp_path / "all.jsonl", rows=150, seed=0).read_text().splitlines()
+    train = write_rows(tmp_path / "train.jsonl", [json.loads(x) for x in lines[:120]])
+    # Eval: 30 fresh rows, with copies of training rows on lines 2 and 5.
+    held = [json.loads(x) for x in lines[120:]]
+    held[1], held[4] = json.loads(lines[0]), json.loads(lines[9])
+    r = report(tiny_model, train, eval_dataset=str(write_rows(tmp_path / "valid.jsonl", held)))
+    assert r.ok, r.errors
+    assert (r.plan.train_rows, r.plan.eval_rows) == (120, 28)
+    assert r.dataset.eval_excluded_lines == [2, 5] and r.dataset.eval_in_train_share == 0
+    assert any("valid.jsonl: 2 of 30 rows (7%) also occur in dataset train.jsonl" in w and "lines 2, 5" in w
+               for w in r.warnings)
+
+    r = report(tiny_model, train, eval_dataset=str(write_rows(tmp_path / "copy.jsonl", [json.loads(x) for x in lines[:5]])))
+    assert not r.ok and any("every row of eval_dataset copy.jsonl also occurs in dataset train.jsonl (lines 1, 2, 3, 4, 5)" in e
+                            for e in r.errors)
+
+
+def test_an_eval_dataset_is_validated_like_the_dataset(tiny_model, tmp_path, datasets):
+    r = report(tiny_model, datasets["instruction"], eval_dataset=str(datasets["chat"]))
+    assert not r.ok and any("eval_dataset chat.jsonl has chat rows but dataset instruction.jsonl has instruction rows" in e
+                            for e in r.errors)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a"}\nnot json\n{"instruction": "b", "output": "c"}\n')
+    r = report(tiny_model, datasets["instruction"], eval_dataset=str(bad))
+    assert not r.ok and any(e.startswith("eval_dataset: bad.jsonl is mostly bad") and "line 1" in e for e in r.errors)
+    assert r.dataset.eval_validation.bad_rows == 2
+
+
+def test_near_duplicates_are_reported_not_refused(tiny_model, tmp_path):
+    rows = distinct_rows(100) + [{"prompt": f"Add {i // 100} and {i % 100}:", "completion": " many"} for i in range(100)]
+    r = report(tiny_model, write_rows(tmp_path / "near.jsonl", rows))
+    assert r.ok, r.errors
+    assert r.dataset.eval_prompt_in_train_rows > 0 and r.dataset.eval_in_train_share == 0
+    assert any("have the same prompt as a train row with a different answer" in w for w in r.warnings)
+
+
+def test_an_absurd_max_steps_is_refused_with_the_numbers(tiny_model, datasets):
+    r = report(tiny_model, datasets["instruction"], hyperparameters={"max_steps": 10**12})
+    assert not r.ok and r.plan is None
+    assert any("max_steps 1,000,000,000,000 at ~" in e and " years of training" in e
+               and "lower max_steps, or remove it to train by epochs" in e for e in r.errors)
+    assert report(tiny_model, datasets["instruction"], hyperparameters={"max_steps": 1000}).ok
 
 
 def test_bad_rows_are_reported_with_line_numbers(tiny_model, tmp_path):

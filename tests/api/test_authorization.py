@@ -39,8 +39,11 @@ ROUTES: dict[tuple[str, str], str] = {
     ("get", "/v1/runs/{run_id}/preflight"): VIEWER,
     ("get", "/v1/runs/{run_id}/artifacts"): VIEWER,
     ("get", "/v1/runs/{run_id}/events"): VIEWER,
+    ("post", "/v1/runs/{run_id}/publish-checkpoint"): OPERATOR,
     ("post", "/v1/datasets"): OPERATOR,
+    ("get", "/v1/datasets"): SIGNED_IN,
     ("get", "/v1/datasets/{dataset_id}"): VIEWER,
+    ("delete", "/v1/datasets/{dataset_id}"): OPERATOR,
     ("get", "/v1/artifacts/{artifact_id}"): VIEWER,
     ("post", "/v1/preflight"): OPERATOR,
     ("post", "/v1/projects"): ADMIN,
@@ -90,6 +93,10 @@ async def world(stack, temporal_env, issuer, tiny_model, datasets):
                             files={"file": ("i.jsonl", datasets["instruction"].read_bytes())})
         assert ds.status_code == 201, ds.text
         w.ids["dataset_id"] = ds.json()["id"]
+        spare = await api.post("/v1/datasets", params={"project": "beta"}, headers=admin,
+                               files={"file": ("chat.jsonl", datasets["chat"].read_bytes())})
+        assert spare.status_code == 201, spare.text
+        w.ids["spare_dataset_id"] = spare.json()["id"]  # no run uses it: DELETE may take it
         w.spec = small_spec(tiny_model, w.ids["dataset_id"], project="beta",
                             hyperparameters={"max_steps": 2000}, checkpoint_every_steps=1000).model_dump(mode="json")
         run = await api.post("/v1/runs", json=w.spec, headers=admin)
@@ -146,6 +153,10 @@ def request_for(w: World, method: str, path: str, datasets) -> dict:
         kw["json"] = {"name": f"dir-{method}", "kind": "directory", "config": {"path": "/srv/models"}}
     elif path == "/v1/runs/{run_id}/events":
         kw["params"] = {"follow": "false"}
+    elif (method, path) == ("delete", "/v1/datasets/{dataset_id}"):
+        kw["url"] = f"/v1/datasets/{w.ids['spare_dataset_id']}"
+    elif path == "/v1/runs/{run_id}/publish-checkpoint":
+        kw["params"] = {"wait_s": 0}
     return kw
 
 
@@ -201,6 +212,8 @@ async def test_other_projects_runs_are_invisible(world, tiny_model, datasets):
     assert missing.json()["detail"].replace("run_0000000000000000", "X") == theirs.json()["detail"].replace(run_id, "X")
     assert (await world.api.get("/v1/runs", headers=alpha_op)).json()["runs"] == []
     assert (await world.api.get("/v1/runs", params={"project": "beta"}, headers=alpha_op)).json()["runs"] == []
+    assert (await world.api.get("/v1/datasets", headers=alpha_op)).json()["datasets"] == []
+    assert (await world.api.get("/v1/datasets", params={"project": "beta"}, headers=alpha_op)).json()["datasets"] == []
     assert [p["id"] for p in (await world.api.get("/v1/projects", headers=alpha_op)).json()["projects"]] == []
     # Beta's dataset cannot be smuggled into an alpha run.
     spec = {**world.spec, "project": "alpha"}
@@ -212,6 +225,8 @@ async def test_other_projects_runs_are_invisible(world, tiny_model, datasets):
     # Beta's viewer sees the run and its project.
     beta_viewer = world.token({"beta": VIEWER})
     assert (await world.api.get(f"/v1/runs/{run_id}", headers=beta_viewer)).json()["project"] == "beta"
+    assert {d["id"] for d in (await world.api.get("/v1/datasets", headers=beta_viewer)).json()["datasets"]} == {
+        world.ids["dataset_id"], world.ids["spare_dataset_id"]}
     assert [r["id"] for r in (await world.api.get("/v1/runs", headers=beta_viewer)).json()["runs"]] == [run_id]
     me = (await world.api.get("/v1/me", headers=beta_viewer)).json()
     assert me == {"subject": "user", "auth_enabled": True, "roles": {"beta": "viewer"}}

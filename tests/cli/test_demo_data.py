@@ -77,3 +77,18 @@ def test_demo_texts_cover_the_dataset():
     assert texts == demo_texts(rows=40)
     assert all(isinstance(t, str) and t for t in texts)
     assert "Translate the color to French." in texts
+
+
+@pytest.mark.parametrize("write", WRITERS)
+def test_no_row_repeats_so_eval_rows_are_never_training_rows(tmp_path: Path, write):
+    from activities.dataset_rows import deterministic_split
+
+    lines = write(tmp_path / "d.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(set(lines)) == len(lines) == 400
+    train, held = deterministic_split(len(lines), 0.1, seed=42)
+    assert not {lines[i] for i in held} & {lines[i] for i in train}
+
+
+def test_more_rows_than_the_demo_has_is_refused_plainly(tmp_path: Path):
+    with pytest.raises(ValueError, match="distinct rows; ask for at most"):
+        write_demo_dataset(tmp_path / "d.jsonl", rows=100_000)

@@ -100,6 +100,43 @@ def test_upgrade_in_place_keeps_runs_and_backfills_projects(db_url):
     assert schema_diff(db_url) == []
 
 
+def test_duplicate_uploads_are_merged_into_one_dataset_whose_old_ids_still_resolve(db_url):
+    """Before 0003 every upload of the same file made a new dataset; upgrading merges them."""
+    from sqlalchemy import text
+
+    upgrade(db_url, "0002")
+    old = Database(db_url, migrate=False)
+    try:
+        async def seed():
+            async with old.aio.engine.begin() as conn:
+                for ds_id, project, sha, created in [
+                    ("ds_first", "acme", "a" * 64, 1), ("ds_again", "acme", "a" * 64, 2),
+                    ("ds_other", "beta", "a" * 64, 3), ("ds_diff", "acme", "b" * 64, 4),
+                ]:
+                    await conn.execute(text(
+                        "INSERT INTO datasets (id, project, name, sha256, size_bytes, shape, total_rows, valid_rows,"
+                        " bad_rows, store_key, report, created_at) VALUES (:id, :p, 'd.jsonl', :sha, 1, 'chat', 1, 1,"
+                        " 0, 'datasets/sha256/x.jsonl', '{}', :c)"), {"id": ds_id, "p": project, "sha": sha, "c": created})
+                await conn.execute(text(
+                    "INSERT INTO runs (id, project, name, kind, method, base_model, dataset, state, spec, spec_sha256,"
+                    " created_at, updated_at, step) VALUES ('run_dup', 'acme', 'r', 'llm', 'lora', '/m', 'ds_again',"
+                    " 'succeeded', '{}', 'x', 1, 1, 7)"))
+
+        old._run(seed())
+    finally:
+        old.close()
+    upgrade(db_url)
+    db = Database(db_url)
+    try:
+        assert sorted(d.id for d in db.list_datasets()) == ["ds_diff", "ds_first", "ds_other"]
+        assert db.get_dataset("ds_again").id == "ds_first"
+        assert db.get_run("run_dup").dataset == "ds_first"
+        assert [r.id for r in db.runs_using_datasets(["ds_first"])["ds_first"]] == ["run_dup"]
+    finally:
+        db.close()
+    assert schema_diff(db_url) == []
+
+
 def test_downgrade_to_baseline_and_back(db_url):
     upgrade(db_url)
     downgrade(db_url, "0001")

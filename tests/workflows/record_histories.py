@@ -143,7 +143,8 @@ async def main() -> int:
         empty = scratch / "data" / "empty_file.jsonl"
         empty.write_bytes(b"")
 
-        settings = stack_settings(scratch / "home")
+        # The model and data live beside home, in scratch: an allowed root for local paths.
+        settings = stack_settings(scratch / "home").model_copy(update={"allowed_roots": str(scratch)})
         log("starting the dev server")
         env = await start_dev_server()
         try:
