@@ -6,8 +6,11 @@ LOCKN_TUNE_FAULTS is a comma-separated list of one-shot faults:
     step=N              SIGKILL this worker right after optimizer step N
     checkpoint_write    SIGKILL this worker after a checkpoint's files are up, before its manifest
     oom_above=N         raise an out-of-memory error in any step with micro-batch > N
+    slow_eval=S         the first evaluate on this home spends S more seconds on every eval
+                        batch and every generated token (a slow GPU), so a test can catch a
+                        run in its eval
 
-Each kill fires once per home directory (a marker under HOME/faults/), so the worker the
+Each kill (and slow_eval) fires once per home directory (a marker under HOME/faults/), so the worker the
 supervisor restarts carries on. Nothing here runs unless the variable names the fault.
 """
 
@@ -53,3 +56,17 @@ def oom_limit(settings: Settings) -> int | None:
     """Largest micro-batch that 'fits' under the oom_above fault, or None."""
     value = _faults(settings).get("oom_above")
     return int(value) if value else None
+
+
+def eval_delay(settings: Settings) -> float:
+    """Seconds the slow_eval fault adds per eval batch and generated token: S for the first
+    evaluate on this home, 0 for every later one (and whenever the fault is off)."""
+    value = _faults(settings).get("slow_eval")
+    if not value:
+        return 0.0
+    marker = Path(settings.home) / "faults" / "slow_eval"
+    if marker.exists():
+        return 0.0
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    return float(value)

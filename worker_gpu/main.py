@@ -1,5 +1,6 @@
 """worker_gpu: runs evaluate and train_chunk, one at a time on the GPU it is pinned to
-(CUDA_VISIBLE_DEVICES), or on the CPU where there is no GPU (dev and CI).
+(CUDA_VISIBLE_DEVICES), or on the CPU where there is no GPU (dev and CI); and answers
+inspect_hardware on its own light queue (LOCKN_TUNE_GPU_TASK_QUEUE + "-hardware") meanwhile.
 
 Run: `python -m worker_gpu.main` (or let `lockn-tune up` start it).
 
@@ -16,7 +17,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, closing
+from contextlib import AsyncExitStack, asynccontextmanager, closing
 from datetime import timedelta
 
 import structlog
@@ -29,21 +30,55 @@ from runtime import metrics
 from runtime.logs import configure_logging
 from runtime.telemetry import configure_tracing
 from runtime.temporal import ActivityTelemetry, connect, sdk_runtime
-from schemas.settings import Settings
+from schemas.settings import Settings, hardware_task_queue_for
 from store.artifacts import open_store
 from store.db import Database
 
 log = structlog.get_logger(__name__)
 
 
+class GpuWorker:
+    """The training worker on the GPU queue (one activity at a time) and, beside it, a light
+    worker on the hardware queue that only answers inspect_hardware, on its own threads, so
+    hardware reports and dry runs never wait behind training. `async with` runs both."""
+
+    def __init__(self, training: Worker, hardware: Worker, hardware_executor: ThreadPoolExecutor):
+        self.training, self.hardware = training, hardware
+        self._hardware_executor = hardware_executor
+        self._stack: AsyncExitStack | None = None
+
+    @property
+    def task_queue(self) -> str:
+        return self.training.task_queue
+
+    async def __aenter__(self) -> "GpuWorker":
+        async with AsyncExitStack() as stack:
+            stack.callback(self._hardware_executor.shutdown, wait=False)
+            await stack.enter_async_context(self.hardware)
+            await stack.enter_async_context(self.training)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(*exc)
+
+
+HARDWARE_SLOTS = 2  # inspect_hardware is quick; two answer at once while the GPU trains
+
+
 def build_worker(
     client: Client, settings: Settings, executor: ThreadPoolExecutor, db: Database, task_queue: str | None = None
-) -> Worker:
-    """The worker for settings' queue; its activities write to db (the caller closes it)."""
+) -> GpuWorker:
+    """The workers for settings' queues (GPU and hardware); activities write to db (the caller
+    closes it). executor runs the GPU activities; the hardware worker brings its own threads."""
     activities = GpuActivities(settings, db, open_store(settings))
-    return Worker(
+    gpu_queue = task_queue or settings.gpu_task_queue
+    training = Worker(
         client,
-        task_queue=task_queue or settings.gpu_task_queue,
+        task_queue=gpu_queue,
+        # inspect_hardware stays here too: runs started before the hardware queue ask for it here.
         activities=activities.all(),
         activity_executor=executor,
         max_concurrent_activities=1,
@@ -55,6 +90,17 @@ def build_worker(
         graceful_shutdown_timeout=timedelta(seconds=120),
         interceptors=[ActivityTelemetry()],
     )
+    hardware_executor = ThreadPoolExecutor(max_workers=HARDWARE_SLOTS, thread_name_prefix="gpu-hardware")
+    hardware = Worker(
+        client,
+        task_queue=hardware_task_queue_for(gpu_queue),
+        activities=[activities.inspect_hardware],
+        activity_executor=hardware_executor,
+        max_concurrent_activities=HARDWARE_SLOTS,
+        graceful_shutdown_timeout=timedelta(seconds=10),
+        interceptors=[ActivityTelemetry()],
+    )
+    return GpuWorker(training, hardware, hardware_executor)
 
 
 def sdk_metrics_port(settings: Settings) -> int | None:
@@ -63,8 +109,8 @@ def sdk_metrics_port(settings: Settings) -> int | None:
 
 
 @asynccontextmanager
-async def running(settings: Settings, tracer_provider: TracerProvider | None = None) -> AsyncIterator[Worker]:
-    """worker_gpu polling its queue, with its metrics endpoints, until the block ends."""
+async def running(settings: Settings, tracer_provider: TracerProvider | None = None) -> AsyncIterator[GpuWorker]:
+    """worker_gpu polling its queues (GPU and hardware), with its metrics endpoints, until the block ends."""
     client = await connect(
         settings, tracer_provider=tracer_provider, runtime=sdk_runtime(settings.api_host, sdk_metrics_port(settings))
     )
@@ -87,7 +133,8 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with running(settings):
         log.info(
-            "worker_gpu.started", task_queue=settings.gpu_task_queue, device=device, pid=os.getpid(),
+            "worker_gpu.started", task_queue=settings.gpu_task_queue, hardware_task_queue=settings.hardware_task_queue,
+            device=device, pid=os.getpid(),
             metrics_port=settings.worker_gpu_metrics_port, sdk_metrics_port=sdk_metrics_port(settings),
         )
         await stop.wait()

@@ -207,12 +207,17 @@ class LoraRecipe:
 
 
 @torch.no_grad()
-def eval_loss(model, rows: list[dict], batch_size: int, device: torch.device) -> tuple[float, int]:
-    """Mean token loss over the labelled tokens of rows, and how many tokens that is."""
+def eval_loss(
+    model, rows: list[dict], batch_size: int, device: torch.device, between_batches: Callable[[], None] | None = None
+) -> tuple[float, int]:
+    """Mean token loss over the labelled tokens of rows, and how many tokens that is.
+    between_batches() runs before every batch: it raises to stop (cancel, shutdown)."""
     model.eval()
     dtype = compute_dtype(device)
     total, tokens = 0.0, 0
     for i in range(0, len(rows), batch_size):
+        if between_batches is not None:
+            between_batches()
         chunk = rows[i : i + batch_size]
         total += summed_loss(model, collate(chunk, device), dtype).item()
         tokens += label_tokens(chunk)

@@ -32,8 +32,11 @@ with workflow.unsafe.imports_passed_through():
     )
     from schemas.preflight import PreflightInput
     from schemas.run_state import RunState, RunStatus
+    from schemas.settings import hardware_task_queue_for
 
 USER_ERROR = "UserError"
+# Runs started before the hardware queue asked for the hardware on the GPU queue, behind training.
+HARDWARE_QUEUE_PATCH = "inspect-hardware-on-hardware-queue"
 OUT_OF_MEMORY = "OutOfMemory"
 
 # User errors fail at once; anything else (a lost worker, a locked DB) is retried.
@@ -101,7 +104,7 @@ class TuneLLM:
         if self._status:
             self._status.pause_requested = True
         # The chunk in flight hears this at its next heartbeat, finishes its step,
-        # checkpoints and ends: a paused run holds no GPU.
+        # checkpoints and returns that step: a paused run holds no GPU.
         if self._chunk is not None and not self._chunk.done():
             self._chunk.cancel()
 
@@ -145,7 +148,23 @@ class TuneLLM:
         """Preflight, dataset snapshot and baseline eval."""
         spec = inp.spec
         await self._enter(RunState.preflight, "checking the model, the data and the config")
-        hardware = await self._gpu("inspect_hardware", None, dict)
+        if workflow.patched(HARDWARE_QUEUE_PATCH):
+            # The light hardware queue: never behind another run's training. No pickup deadline:
+            # a run waits for a GPU worker as its training would.
+            hardware = await workflow.execute_activity(
+                "inspect_hardware",
+                task_queue=hardware_task_queue_for(inp.gpu_task_queue),
+                start_to_close_timeout=timedelta(seconds=60),
+                retry_policy=RetryPolicy(
+                    initial_interval=RETRY.initial_interval,
+                    maximum_interval=RETRY.maximum_interval,
+                    maximum_attempts=10,
+                    non_retryable_error_types=RETRY.non_retryable_error_types,
+                ),
+                result_type=dict,
+            )
+        else:
+            hardware = await self._gpu("inspect_hardware", None, dict)
         plan = await self._cpu(
             "preflight", PreflightInput(run_id=inp.run_id, spec=spec, hardware=hardware), TrainingPlan, minutes=30
         )
@@ -193,7 +212,9 @@ class TuneLLM:
             except ActivityError as err:
                 paused = isinstance(err.cause, CancelledError) and workflow.cancellation_reason() is None
                 if paused and self._pause_requested:
-                    continue  # the chunk checkpointed and stopped for the pause
+                    # A chunk of an older worker: it checkpointed, then reported itself cancelled.
+                    # Today's chunks return the step they stopped at, so the pause names it.
+                    continue
                 if isinstance(err.cause, ApplicationError) and err.cause.type == OUT_OF_MEMORY:
                     carry.plan = plan = await self._smaller_micro_batch(plan, err.cause.message)
                     continue  # same examples per step, so the data order and schedule are unchanged

@@ -6,7 +6,10 @@ from datetime import timedelta
 from typing import Protocol
 
 from fastapi import APIRouter, HTTPException, Request
-from temporalio.client import WorkflowFailureError
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
 from activities.memory_estimate import ModelShape, estimate_training_memory
@@ -21,6 +24,7 @@ from schemas.api_models import (
 )
 from schemas.model_matrix import ModelEntry, load_matrix
 from schemas.run_spec import Method
+from schemas.settings import Settings, no_gpu_worker_message
 from store.db import new_id
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -109,14 +113,42 @@ def fit_verdict(
     )
 
 
+NO_GPU_WORKER = "NoGpuWorker"  # the error type workflows/preflight.py raises when no GPU worker picks up
+
+
+async def require_gpu_worker(client: Client, settings: Settings) -> None:
+    """503 at once, naming the queue and how to start worker_gpu, when no worker has polled the
+    hardware queue lately (the Temporal server lists a queue's recent pollers)."""
+    request = DescribeTaskQueueRequest(
+        namespace=client.namespace,
+        task_queue=TaskQueue(name=settings.hardware_task_queue),
+        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+    )
+    try:
+        described = await client.workflow_service.describe_task_queue(request)
+    except RPCError as exc:
+        raise HTTPException(503, f"could not ask Temporal at {settings.temporal_address} about workers: {exc.message}") from None
+    if not described.pollers:
+        raise HTTPException(503, no_gpu_worker_message(settings.gpu_task_queue))
+
+
+def failure_message(exc: WorkflowFailureError) -> tuple[str | None, str]:
+    """(error type, message) of the innermost cause of a failed workflow."""
+    cause = exc.cause
+    while getattr(cause, "cause", None) is not None:
+        cause = cause.cause
+    return getattr(cause, "type", None), str(getattr(cause, "message", cause))
+
+
 async def get_hardware(request: Request) -> HardwareInfo:
-    """The training workers' hardware, as a GPU worker reports it (the API never imports torch).
-    Asked once per API process and kept on app.state."""
+    """The training workers' hardware, as a GPU worker reports it on its hardware queue (the
+    API never imports torch; training never delays it). Asked once per API process and kept on app.state."""
     state = request.app.state
     hardware = getattr(state, "hardware", None)
     if hardware is None:
         settings = state.settings
         client = await get_temporal(request)
+        await require_gpu_worker(client, settings)
         try:
             report = await client.execute_workflow(
                 "InspectHardware",
@@ -124,11 +156,16 @@ async def get_hardware(request: Request) -> HardwareInfo:
                 id=new_id("hardware"),
                 task_queue=settings.cpu_task_queue,
                 execution_timeout=timedelta(seconds=60),
-                result_type=dict,
+                result_type=HardwareInfo,
             )
-        except (WorkflowFailureError, RPCError) as exc:
-            raise HTTPException(503, f"no training worker reported its hardware ({exc}); is worker_gpu running?") from None
-        hardware = state.hardware = HardwareInfo.model_validate(report)
+        except WorkflowFailureError as exc:
+            kind, message = failure_message(exc)
+            if kind == NO_GPU_WORKER:
+                raise HTTPException(503, message) from None
+            raise HTTPException(503, f"no training worker reported its hardware ({message}); is worker_gpu running?") from None
+        except RPCError as exc:
+            raise HTTPException(503, f"could not ask Temporal for the hardware ({exc.message}); is the stack running?") from None
+        hardware = state.hardware = report
     return hardware
 
 

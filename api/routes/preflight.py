@@ -9,6 +9,7 @@ from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
 from api.deps import DbDep, PrincipalDep, Role, SettingsDep, TemporalDep
+from api.routes.models import NO_GPU_WORKER, failure_message, require_gpu_worker
 from api.routes.runs import check_dataset
 from schemas.preflight import PreflightInput, PreflightReport
 from schemas.run_spec import RunSpec
@@ -23,9 +24,11 @@ async def preflight(
 ) -> PreflightReport:
     """Check a spec against the training worker's hardware and the data: the plan, memory
     estimate, rendered samples, token lengths, every default with why — or what to change
-    (`ok: false` with `errors`). Nothing is trained. Needs operator on the spec's project."""
+    (`ok: false` with `errors`). Nothing is trained, and it never waits behind a training run;
+    503 at once when no GPU worker is up. Needs operator on the spec's project."""
     principal.require(spec.project, Role.operator, f"project {spec.project!r}")
     await check_dataset(db, settings, principal, spec)
+    await require_gpu_worker(client, settings)
     try:
         return await client.execute_workflow(
             "PreflightLLM",
@@ -36,9 +39,9 @@ async def preflight(
             result_type=PreflightReport,
         )
     except WorkflowFailureError as exc:
-        cause = exc.cause
-        while getattr(cause, "cause", None) is not None:
-            cause = cause.cause
-        raise HTTPException(422, f"preflight failed: {getattr(cause, 'message', cause)}") from None
+        kind, message = failure_message(exc)
+        if kind == NO_GPU_WORKER:
+            raise HTTPException(503, message) from None
+        raise HTTPException(422, f"preflight failed: {message}") from None
     except RPCError as exc:
         raise HTTPException(503, f"could not run preflight on Temporal: {exc.message}") from None

@@ -120,3 +120,41 @@ def test_fit_verdict_with_an_injected_estimator():
 
     tts = load_matrix().get("Qwen/Qwen3-TTS-12Hz-1.7B-Base")
     assert fit_verdict(tts, Method.qlora, cpu, estimate).fits is False  # not offered for TTS
+
+
+async def test_without_a_gpu_worker_models_and_dry_runs_say_so_at_once(temporal_env, tmp_path, tiny_model, datasets):
+    """Only worker_cpu is up: the answer is an immediate 503 naming the queue and how to start worker_gpu."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from store.db import Database
+    from tests.conftest import small_spec, stack_settings
+    from worker_cpu.main import build_worker as cpu_worker
+
+    settings = stack_settings(tmp_path / "home").model_copy(
+        update={"temporal_address": temporal_env.client.service_client.config.target_host}
+    )
+    db = Database(settings.db_url)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            async with cpu_worker(temporal_env.client, settings, pool, db):
+                app = create_app(settings)
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120) as api:
+                    started = time.monotonic()
+                    r = await api.get("/v1/models")
+                    seconds = time.monotonic() - started
+                    assert r.status_code == 503, r.text
+                    assert seconds < 5, f"took {seconds:.1f} s to say no GPU worker is up"
+                    detail = r.json()["detail"]
+                    assert detail.startswith("no GPU worker is running")
+                    assert settings.hardware_task_queue in detail and "worker_gpu" in detail and "lockn-tune up" in detail
+
+                    ds = (await api.post("/v1/datasets", files={"file": ("i.jsonl", datasets["instruction"].read_bytes())},
+                                         params={"project": "tests"})).json()
+                    started = time.monotonic()
+                    r = await api.post("/v1/preflight", json=small_spec(tiny_model, ds["id"]).model_dump(mode="json"))
+                    seconds = time.monotonic() - started
+                    assert r.status_code == 503, r.text
+                    assert seconds < 5 and r.json()["detail"] == detail
+    finally:
+        db.close()

@@ -118,3 +118,30 @@ async def test_operator_pause_resume_and_cancel_with_the_temporal_cli(stack, tem
     q = await temporal_cli(temporal_env, "workflow", "query", "--workflow-id", run_id, "--type", "status")
     assert '"cancelled"' in q.stdout or "cancelled" in q.stdout, q.stdout + q.stderr
     assert row.error is None
+
+
+async def test_a_pause_is_reported_once_with_one_step_and_chunks_do_not_cry_resume(stack, tiny_model, datasets):
+    """Four chunks and one pause mid-chunk: one 'paused at step S', one 'resumed at step S' with the
+    step of the checkpoint the chunk stopped at, and no 'resumed from checkpoint' event
+    (nothing was interrupted: starting a chunk from the last checkpoint is the plan)."""
+    import re
+
+    # Chunks long enough that the pause (heard at the next heartbeat) lands inside the second one.
+    spec = small_spec(tiny_model, datasets["instruction"], hyperparameters={"max_steps": 1200}, checkpoint_every_steps=300)
+    run_id, handle = await start(stack, spec)
+    await wait_state(stack, run_id, lambda r: r.state == "training" and r.step >= 310)
+    await handle.execute_update("pause_run")
+    paused = await wait_state(stack, run_id, lambda r: r.state == "paused")
+    stopped_at = committed_steps(stack.store, run_id)[0]
+    assert 310 <= stopped_at < 600 and paused.step == stopped_at  # stopped mid-chunk, at its checkpoint
+    await handle.execute_update("resume_run")
+    await handle.result()
+    assert stack.db.get_run(run_id).state == "succeeded"
+
+    events = stack.db.events(run_id)
+    messages = [e.message for e in events]
+    pauses = [m for m in messages if m.startswith("paused")]
+    resumes = [m for m in messages if m.startswith("resumed")]
+    assert pauses == [f"paused at step {stopped_at}; the GPU is free"], messages
+    assert resumes == [f"resumed at step {stopped_at}"], messages
+    assert not [m for m in messages if re.search(r"resumed from checkpoint|interruption", m)], messages
