@@ -111,7 +111,12 @@ class GpuActivities:
                 if time.monotonic() - last_report >= self.settings.progress_every_s or step == inp.until_step:
                     last_report = time.monotonic()
                     activity.heartbeat(dict(state))
-                    self.db.record_progress(inp.run_id, step, inp.plan.total_steps, loss, {"loss": loss})
+                    # Measured on the worker: real (non-padding) tokens of the step over its time.
+                    tokens_per_s = recipe.last_step_tokens / recipe.last_step_seconds if recipe.last_step_seconds else None
+                    self.db.record_progress(
+                        inp.run_id, step, inp.plan.total_steps, loss,
+                        {"loss": loss, "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None},
+                    )
                 return activity.is_cancelled() or activity.is_worker_shutdown()
 
             # Cancellation is seen by after_step; the step in flight and the checkpoint finish first.

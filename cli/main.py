@@ -160,22 +160,27 @@ def _with_uploaded_dataset(client: ApiClient, spec: RunSpec) -> dict:
 
 class TrainingSpeed:
     """Steps/s and ETA from the run's progress events (server timestamps, so a reattached
-    CLI gets the same figures), and tokens/s derived from them: the API reports no token
-    counts, so tokens/s = steps/s x examples per step (plan) x mean tokens per row of the
-    snapshot, capped at max_seq_len. Shown as approximate (~)."""
+    CLI gets the same figures), and tokens/s as the training worker measured it (real,
+    non-padding tokens per second of the last reported step). Progress recorded by older
+    workers carries no token figure: then tokens/s is derived, steps/s x examples per step
+    (plan) x mean tokens per row of the snapshot capped at max_seq_len, and marked ~."""
 
     WINDOW_S = 300.0
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, int]] = []
+        self.tokens_per_s: float | None = None
 
     def restart(self) -> None:
         """A state change (pause, resume, evaluation): the rate before it says nothing now."""
         self.samples.clear()
+        self.tokens_per_s = None
 
-    def add(self, ts: float, step: int) -> None:
+    def add(self, ts: float, step: int, tokens_per_s: float | None = None) -> None:
         self.samples.append((ts, step))
         self.samples = [s for s in self.samples if s[0] >= ts - self.WINDOW_S]
+        if tokens_per_s:
+            self.tokens_per_s = tokens_per_s
 
     def steps_per_s(self) -> float | None:
         if len(self.samples) < 2:
@@ -191,7 +196,9 @@ class TrainingSpeed:
         plan, snap = run.get("plan") or {}, run.get("dataset_snapshot") or {}
         mean = (snap.get("token_stats") or {}).get("mean")
         tokens = "-"
-        if mean and plan.get("micro_batch_size"):
+        if self.tokens_per_s:
+            tokens = f"{self.tokens_per_s:,.0f}"
+        elif mean and plan.get("micro_batch_size"):
             per_step = plan["micro_batch_size"] * plan.get("grad_accum", 1) * min(mean, plan.get("max_seq_len") or mean)
             tokens = f"~{rate * per_step:,.0f}"
         left = max(0, (run.get("total_steps") or 0) - run["step"])
@@ -221,7 +228,7 @@ def follow(client: ApiClient, run_id: str) -> dict:
             for ev in events:
                 last_event = max(last_event, ev["id"])
                 if ev["kind"] == "progress" and ev.get("step") is not None:
-                    speed.add(ev["ts"], ev["step"])
+                    speed.add(ev["ts"], ev["step"], (ev.get("data") or {}).get("tokens_per_s"))
                 elif ev["kind"] == "state":
                     speed.restart()
                     # A failure's reason is printed once, in the summary.

@@ -389,11 +389,14 @@ def test_publish_copies_the_adapter_and_writes_its_manifest(store, db, tmp_path)
 
     ref = commit_checkpoint(store, "run_p", 20, _trained_checkpoint(tmp_path, 20), meta={})
     result = publish_adapter(_publish_input("run_p", ref), db, store)
+    # The adapter, its model card (not PEFT's template) and the lineage manifest.
     assert store.list("runs/run_p/adapter") == [
+        "runs/run_p/adapter/README.md",
         "runs/run_p/adapter/adapter_config.json",
         "runs/run_p/adapter/adapter_model.safetensors",
         "runs/run_p/adapter/lockn-manifest.json",
     ]
+    assert "run `run_p`" in store.get_bytes("runs/run_p/adapter/README.md").decode()
     assert store.get_bytes("runs/run_p/adapter/adapter_model.safetensors") == b"weights 20"
     manifest = json.loads(store.get_bytes("runs/run_p/adapter/lockn-manifest.json"))
     assert manifest["files"]["adapter_model.safetensors"]["sha256"] == sha(b"weights 20")
