@@ -277,8 +277,15 @@ def print_samples(run: dict) -> None:
         # Text(), not markup: prompts and outputs are the user's and the model's words.
         prompt = t["prompt"].strip()
         prompt = prompt if len(prompt) <= 300 else "..." + prompt[-300:]
-        table.add_row(Text(prompt), Text(t["reference"]), Text(b), Text(t["generated"]))
+        table.add_row(Text(prompt), Text(t["reference"]), _output(b), _output(t["generated"]))
     console.print(table)
+
+
+def _output(text: str) -> Text:
+    """A model's answer; an empty one is said in words, not left as a blank cell."""
+    if text.strip():
+        return Text(text)
+    return Text("(empty: the model ended its answer at once)", style="dim")
 
 
 def print_summary(run: dict, settings: Settings | None = None) -> None:
