@@ -32,6 +32,10 @@ from schemas.settings import Settings
 RESTART_LIMIT = 5
 # Services stop in this order: workers first (a chunk in flight checkpoints), Temporal last.
 STOP_ORDER = ("worker_gpu", "worker_cpu", "api", "temporal")
+# How long each may take to stop on SIGTERM (worker_gpu: a chunk finishes its step and commits).
+STOP_TIMEOUT = {"temporal": 20, "api": 30, "worker_cpu": 40, "worker_gpu": 150}
+# The argument that names each service in its command line.
+SERVICE_MARK = {"temporal": "start-dev", "api": "api.app:create_app", "worker_cpu": "worker_cpu.main", "worker_gpu": "worker_gpu.main"}
 
 
 class StackBusy(RuntimeError):
@@ -164,9 +168,33 @@ def stop_process(proc: Recorded) -> str:
         os.close(pidfd)
 
 
+def running_in_home(home: Path) -> list[Recorded]:
+    """Our services running with `home` as their working directory (the supervisor starts
+    each there), found in /proc: what a pids.json that is missing, stale or of an older
+    format does not name."""
+    home = home.resolve()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if Path(os.readlink(entry / "cwd")) != home:
+                continue
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+        identity = _identity(int(entry.name))
+        if identity is None:
+            continue
+        name = next((n for n, mark in SERVICE_MARK.items() if mark in identity[0]), None)
+        if name:
+            found.append(Recorded(name, int(entry.name), identity[0], identity[1], STOP_TIMEOUT[name]))
+    return found
+
+
 def stop_leftovers(home: Path, on_note=print) -> list[str]:
     """Stop the services a dead supervisor left running on `home` (the caller holds the
-    home's lock), then forget them. Returns the names of those stopped."""
+    home's lock), then forget them: those pids.json records, and any other of our services
+    still running in the home. Returns the names of those stopped."""
     recorded = PidsFile.read(home)
     stopped = []
     if recorded is not None:
@@ -181,6 +209,15 @@ def stop_leftovers(home: Path, on_note=print) -> list[str]:
         for proc in live:
             on_note(f"  {stop_process(proc)}")
             stopped.append(proc.name)
+    others = sorted(running_in_home(home), key=lambda p: STOP_ORDER.index(p.name))
+    if others:
+        on_note(
+            f"{home}: {len(others)} services are running in this home that pids.json does not name "
+            f"({', '.join(p.label() for p in others)}); stopping them cleanly"
+        )
+    for proc in others:
+        on_note(f"  {stop_process(proc)}")
+        stopped.append(proc.name)
     for name in ("pids.json", "stack.json"):
         (home / name).unlink(missing_ok=True)
     return stopped
@@ -344,17 +381,18 @@ class Stack:
                     *dev_server_flags(),
                 ],
                 port=int(port),
-                stop_timeout=20,
+                stop_timeout=STOP_TIMEOUT["temporal"],
             ),
             Service(
                 "api",
                 [py, "-m", "uvicorn", "api.app:create_app", "--factory",
                  "--host", settings.api_host, "--port", str(settings.api_port), "--log-level", "warning"],
                 port=settings.api_port,
+                stop_timeout=STOP_TIMEOUT["api"],
             ),
-            Service("worker_cpu", [py, "-m", "worker_cpu.main"], stop_timeout=40),
+            Service("worker_cpu", [py, "-m", "worker_cpu.main"], stop_timeout=STOP_TIMEOUT["worker_cpu"]),
             # A chunk in flight finishes its step and commits a checkpoint before the worker exits.
-            Service("worker_gpu", [py, "-m", "worker_gpu.main"], stop_timeout=150),
+            Service("worker_gpu", [py, "-m", "worker_gpu.main"], stop_timeout=STOP_TIMEOUT["worker_gpu"]),
         ]
 
     def env(self) -> dict[str, str]:

@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from cli.demo_data import write_demo_dataset
+from activities.demo_data import write_demo_dataset
 from cli.stack import port_in_use
 from tests.stack_process import BIN, UpProcess, free_port, stack_processes, wait_run
 
@@ -203,3 +203,31 @@ def test_a_recycled_pid_in_pids_json_is_never_signalled(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_services_pids_json_does_not_name_are_found_in_the_home_and_stopped(tmp_path):
+    """A supervisor killed while it rewrote pids.json, or one of an older format, leaves
+    services pids.json does not name: they are found by their working directory (the home)
+    and command line, and stopped; the same program elsewhere is left alone."""
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    argv = [sys.executable, "-c", "import time; time.sleep(120)", "worker_gpu.main"]
+    unnamed = subprocess.Popen(argv, cwd=home)
+    stranger = subprocess.Popen(argv, cwd=elsewhere)
+    try:
+        time.sleep(0.3)
+        dead_supervisor = {"pid": 2**22 + 1, "cmdline": ["lockn-tune", "up"], "started": 1}
+        (home / "pids.json").write_text(json.dumps({"supervisor": dead_supervisor, "services": {}}))
+        r = cli("down", "--home", str(home), timeout=200)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "pids.json does not name" in r.stdout and f"worker_gpu pid {unnamed.pid} stopped" in r.stdout, r.stdout
+        assert unnamed.wait(10) == -signal.SIGTERM
+        assert stranger.poll() is None and str(stranger.pid) not in r.stdout
+    finally:
+        for proc in (unnamed, stranger):
+            proc.kill()
+            proc.wait()
