@@ -15,6 +15,20 @@ from store.artifacts import sha256_file
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+def load_tokenizer(path: str | Path):
+    """The base model's tokenizer from its local files, with eos as the pad token where it has none.
+
+    Loads no weights, so CPU activities (preflight, snapshot) tokenize with it; transformers
+    itself imports torch, though, so the first call costs torch's import time.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 @dataclass(frozen=True)
 class BaseModel:
     path: Path

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from activities.dataset_rows import Example
 from schemas.datasets import DatasetShape
 
+# The label of a token that carries no loss: torch's cross_entropy ignore_index, which the
+# trainer (worker_gpu/recipe_lora.py) passes. Snapshot rows store labels with it.
 IGNORE = -100
 
 

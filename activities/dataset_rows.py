@@ -47,14 +47,6 @@ class RowError(ValueError):
         self.kind = kind
 
 
-class DatasetRefused(Exception):
-    """The dataset cannot be used as it is; `.report` says why and what to do."""
-
-    def __init__(self, report: DatasetReport):
-        super().__init__(report.message)
-        self.report = report
-
-
 def _json_type(value) -> str:
     """The JSON name of a parsed value's type, for messages people read."""
     names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number", float: "a number"}
@@ -250,16 +242,6 @@ def read_dataset(
         refused=refused,
         message=message,
     )
-    return examples, report
-
-
-def read_dataset_or_raise(
-    path: Path, *, max_bad_row_fraction: float = 0.5, source_name: str | None = None
-) -> tuple[list[Example], DatasetReport]:
-    """Like read_dataset, but raises DatasetRefused (carrying the report) when the dataset is refused."""
-    examples, report = read_dataset(path, max_bad_row_fraction=max_bad_row_fraction, source_name=source_name)
-    if report.refused:
-        raise DatasetRefused(report)
     return examples, report
 
 

@@ -7,20 +7,12 @@ models, rank by how much the preset is willing to spend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from schemas.preflight import Explanation
 from schemas.run_spec import Preset, RunSpec
 
 RANK = {Preset.quick: 8, Preset.balanced: 16, Preset.thorough: 32}
 EFFECTIVE_BATCH = {Preset.quick: 8, Preset.balanced: 16, Preset.thorough: 32}
 WARMUP_RATIO = 0.03
-
-
-@dataclass(frozen=True)
-class Choice:
-    field: str
-    value: object
-    why: str
 
 
 def default_epochs(train_rows: int, preset: Preset) -> tuple[int, str]:
@@ -39,7 +31,7 @@ def default_epochs(train_rows: int, preset: Preset) -> tuple[int, str]:
     return epochs, size
 
 
-def default_learning_rate(num_parameters: int, method: str) -> tuple[float, str]:
+def default_learning_rate(num_parameters: int) -> tuple[float, str]:
     billions = num_parameters / 1e9
     if num_parameters < 100e6:
         return 1e-3, f"a small model ({num_parameters / 1e6:.0f}M parameters) tolerates a large LoRA learning rate"
@@ -50,7 +42,7 @@ def default_learning_rate(num_parameters: int, method: str) -> tuple[float, str]
     return 1e-4, f"{billions:.0f}B parameters: large models train stably at a lower learning rate"
 
 
-def resolve_simple_defaults(spec: RunSpec, train_rows: int, num_parameters: int) -> tuple[dict, list[Choice]]:
+def resolve_simple_defaults(spec: RunSpec, train_rows: int, num_parameters: int) -> tuple[dict, list[Explanation]]:
     """Everything but the memory- and data-length-driven knobs (max_seq_len, micro-batch,
     accumulation, checkpointing), which the planner decides."""
     hp = spec.hyperparameters
@@ -58,12 +50,12 @@ def resolve_simple_defaults(spec: RunSpec, train_rows: int, num_parameters: int)
 
     def choose(field, value, why):
         values[field] = value
-        choices.append(Choice(field, value, why))
+        choices.append(Explanation(field=field, value=value, why=why))
 
     if hp.epochs is None:
         choose("epochs", *default_epochs(train_rows, spec.preset))
     if hp.learning_rate is None:
-        choose("learning_rate", *default_learning_rate(num_parameters, spec.method.value))
+        choose("learning_rate", *default_learning_rate(num_parameters))
     if hp.warmup_ratio is None:
         choose("warmup_ratio", WARMUP_RATIO, "3% warmup keeps the first steps from undoing the base model")
     if hp.lora_r is None:

@@ -17,6 +17,7 @@ import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from activities.base_model import load_tokenizer
 from activities.errors import user_error
 from activities.heartbeat import Heartbeater
 from activities.lineage import hardware
@@ -140,7 +141,7 @@ class GpuActivities:
             eval_loss_now = None
             if inp.plan.spec.eval_at_checkpoints:
                 eval_rows = self._fetch_rows(inp.snapshot.eval_uri, inp.snapshot.eval_sha256, tmp / "eval.jsonl")
-                eval_loss_now, _ = eval_loss(recipe.model, eval_rows, inp.plan.micro_batch_size, recipe.device)
+                eval_loss_now, _ = eval_loss(recipe.model, eval_rows, inp.plan.micro_batch_size, recipe.device, recipe.dtype)
             commit_started = time.monotonic()
             ref = commit_checkpoint(
                 self.store, inp.run_id, recipe.step, tmp / "out",
@@ -180,7 +181,7 @@ class GpuActivities:
         and answers to the spec's max_new_tokens. Cancel and worker shutdown stop it between
         batches and between generated tokens (within one heartbeat interval)."""
         from worker_gpu import faults
-        from worker_gpu.model_loading import attach_adapter, load_base_model, load_tokenizer, pick_device
+        from worker_gpu.model_loading import attach_adapter, load_base_model, pick_device, plan_dtype
         from worker_gpu.recipe_lora import ADAPTER_DIR, eval_loss
         from worker_gpu.samples import clip_start, generate_sample
 
@@ -205,7 +206,7 @@ class GpuActivities:
                     raise RuntimeError(f"checkpoint at step {inp.checkpoint.step} is missing or corrupt")
                 # Loading the saved PEFT adapter here is also the check that the export loads.
                 model = attach_adapter(model, inp.plan, tmp / "ckpt" / ADAPTER_DIR, trainable=False)
-            loss, tokens = eval_loss(model, rows, inp.plan.micro_batch_size, device, between_batches=between)
+            loss, tokens = eval_loss(model, rows, inp.plan.micro_batch_size, device, plan_dtype(inp.plan, device), between_batches=between)
             tokenizer = load_tokenizer(inp.plan.base_model_path)
             samples = []
             for row in rows[:SAMPLES]:

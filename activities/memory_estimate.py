@@ -42,6 +42,12 @@ LORA_PARAM_BYTES = 4  # adapters are float32, so are their gradients and AdamW m
 NORM_SAVED_BYTES = 4  # RMSNorm upcasts its input to float32 and keeps that copy for backward
 LOGSUMEXP_BYTES = 4  # SDPA keeps a float32 logsumexp per head and token
 
+# What training may use of the memory a worker reports: headroom for the CUDA context and
+# fragmentation on a GPU; on CPU, room for the OS, the worker process and the page cache.
+# Preflight plans with it and GET /v1/models judges fit with it, so the two agree.
+USABLE_GPU = 0.90
+USABLE_RAM = 0.80
+
 # What a process holds before any model loads. CPU: resident memory of a Python process
 # with torch, transformers, peft and bitsandbytes imported and one micro training step run
 # (code paged in, thread pools): 718-723 MiB measured by benchmarks/memory_estimate.py on
@@ -192,6 +198,25 @@ class MemoryEstimate:
             f"predicted peak: {_size(self.total)} (at the {self.peak_phase}; terms that never coexist are not added up)",
         ]
 
+
+
+@dataclass(frozen=True)
+class UsableMemory:
+    """What a training run may use on a worker, by the one rule preflight and the API share."""
+
+    device: str  # where the tensors live: "cuda" or "cpu"
+    what: str  # in words: "GPU memory", "RAM", or "memory" when it is unknown
+    bytes: int | None  # None: the worker did not report its free memory
+
+
+def usable_memory(device: str | None, gpu_memory_bytes: int | None, memory_available_bytes: int | None) -> UsableMemory:
+    """Most of the GPU on a CUDA worker, most of MemAvailable otherwise; unknown stays unknown
+    (None), for the caller to say so rather than guess silently."""
+    if device == "cuda" and gpu_memory_bytes:
+        return UsableMemory("cuda", "GPU memory", int(gpu_memory_bytes * USABLE_GPU))
+    if memory_available_bytes is None:
+        return UsableMemory("cpu", "memory", None)
+    return UsableMemory("cpu", "RAM", int(memory_available_bytes * USABLE_RAM))
 
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

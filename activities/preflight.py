@@ -14,14 +14,15 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from activities.base_model import count_parameters, resolve_base_model
+from activities.base_model import count_parameters, load_tokenizer, resolve_base_model
 from activities.dataset_render import IGNORE, render_example, render_text
 from activities.dataset_rows import count_duplicates, read_dataset, split_rows
-from activities.defaults import EFFECTIVE_BATCH, Choice, resolve_simple_defaults
+from activities.defaults import EFFECTIVE_BATCH, resolve_simple_defaults
 from activities.errors import user_error
 from activities.local_paths import PathRefused, allowed_path
-from activities.memory_estimate import ModelShape, estimate_training_memory
+from activities.memory_estimate import USABLE_RAM, ModelShape, estimate_training_memory, usable_memory
 from schemas.activities import TrainingPlan
+from schemas.api_models import training_precision
 from schemas.preflight import (
     DatasetPreflight,
     Explanation,
@@ -45,8 +46,9 @@ LISTED_LONG_ROWS = 10  # ... of which the warning names this many
 MIN_DISTINCT_SHARE = 0.5  # a dataset with fewer distinct rows than this share is refused as mostly duplicates
 MAX_PLANNED_SECONDS = 30 * 86400  # a plan estimated to train longer than this is refused
 MAX_PLANNED_STEPS = 10_000_000
-USABLE_GPU = 0.90  # headroom for the CUDA context and fragmentation
-USABLE_RAM = 0.80
+# A worker that does not report its free memory (no /proc/meminfo) still gets a plan: one
+# for this much RAM, and a warning that says so (GET /v1/models says "unknown" instead).
+ASSUMED_MEMORY_BYTES = 16 * 2**30
 
 
 def resolve_dataset_path(
@@ -83,17 +85,6 @@ def resolve_dataset_path(
             "upload it with POST /v1/datasets or `lockn-tune tune`, or give an absolute path"
         )
     return path, Path(dataset).name or path.name  # the name the user gave, not a symlink's target
-
-
-def build_plan(
-    run_id: str, spec: RunSpec, db, store, hardware: dict | None = None, *, roots: Sequence[Path] = ()
-) -> TrainingPlan:
-    """The plan for a run, or a user error listing what to change. `roots`: where local
-    models and datasets may be (activities.local_paths.allowed_roots); none by default."""
-    report = preflight_report(run_id, spec, db, store, hardware, roots=roots)
-    if not report.ok:
-        raise user_error(" ".join(report.errors), report=report.model_dump(mode="json"))
-    return report.plan
 
 
 def preflight_report(
@@ -160,9 +151,7 @@ def preflight_report(
                 f"{validation.shape.value} rows; give both files the same shape"
             )
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base.path, local_files_only=True)
+    tokenizer = load_tokenizer(base.path)
     rendered = [render_text(e, tokenizer) for e in examples]
     eval_rendered = [render_text(e, tokenizer) for e in eval_examples] if eval_examples is not None else None
     split = split_rows(
@@ -195,8 +184,10 @@ def preflight_report(
 
     shape = ModelShape.from_config(base.config, num_params)
     device = hardware.get("device", "cpu")
-    bf16 = device == "cuda" and bool(hardware.get("bf16_supported"))
-    precision = "bfloat16" if bf16 else "float32"
+    precision = training_precision(device, hardware.get("bf16_supported"))
+    assumed = _assumed_memory_warning(hardware)
+    if assumed:
+        warnings.append(assumed)
     memory, batch_values, batch_choices, memory_errors = _plan_memory(spec, shape, max_seq_len, hardware, precision, values)
     errors += memory_errors
     choices += batch_choices
@@ -212,7 +203,7 @@ def preflight_report(
         hardware=hardware,
         dataset=dataset,
         memory=memory,
-        defaults=[Explanation(field=c.field, value=c.value, why=c.why) for c in choices],
+        defaults=choices,
     )
     if errors:
         return report
@@ -327,9 +318,9 @@ def _dataset_preflight(
     if max_seq_len is None:
         covering = ordered[min(len(ordered) - 1, math.ceil(0.98 * len(ordered)) - 1)]
         max_seq_len = next((c for c in SEQ_CANDIDATES if c >= covering and c <= context), context)
-        choice = Choice(
-            "max_seq_len", max_seq_len,
-            f"the shortest of {', '.join(map(str, SEQ_CANDIDATES[:4]))}, ... that holds 98% of rows whole "
+        choice = Explanation(
+            field="max_seq_len", value=max_seq_len,
+            why=f"the shortest of {', '.join(map(str, SEQ_CANDIDATES[:4]))}, ... that holds 98% of rows whole "
             f"(98th percentile: {covering} tokens; the model's context: {context})",
         )
     long_rows = _long_rows(examples, rendered, tokenizer, max_seq_len, known, source if eval_source else None)
@@ -484,10 +475,24 @@ def _lines(lines: list[int], listed: int = 20) -> str:
     return shown + (f" and {len(lines) - listed:,} more" if len(lines) > listed else "")
 
 
+def _usable(hardware: dict):
+    return usable_memory(hardware.get("device"), hardware.get("gpu_memory_bytes"), hardware.get("memory_available_bytes"))
+
+
 def _available(hardware: dict) -> tuple[str, int]:
-    if hardware.get("device") == "cuda" and hardware.get("gpu_memory_bytes"):
-        return "cuda", int(hardware["gpu_memory_bytes"] * USABLE_GPU)
-    return "cpu", int((hardware.get("memory_available_bytes") or 16 * 2**30) * USABLE_RAM)
+    """Where training runs and the bytes it may plan for: the shared rule, or the stated assumption."""
+    usable = _usable(hardware)
+    return usable.device, usable.bytes if usable.bytes is not None else int(ASSUMED_MEMORY_BYTES * USABLE_RAM)
+
+
+def _assumed_memory_warning(hardware: dict) -> str | None:
+    if _usable(hardware).bytes is not None:
+        return None
+    device, available = _available(hardware)
+    return (
+        f"the worker did not report its free memory, so the plan assumes {_gb(available)} usable on {device}; "
+        "set micro_batch_size and gradient_checkpointing in the spec to plan for the real machine"
+    )
 
 
 def _plan_memory(spec: RunSpec, shape, max_seq_len: int, hardware: dict, precision: str, values: dict):
@@ -512,12 +517,12 @@ def _plan_memory(spec: RunSpec, shape, max_seq_len: int, hardware: dict, precisi
                 accum = hp.grad_accum or max(1, math.ceil(effective / mbs))
                 choices = []
                 if hp.micro_batch_size is None:
-                    choices.append(Choice("micro_batch_size", mbs, f"the largest that fits in {_gb(available)} on {device}"))
+                    choices.append(Explanation(field="micro_batch_size", value=mbs, why=f"the largest that fits in {_gb(available)} on {device}"))
                 if hp.grad_accum is None:
-                    choices.append(Choice("grad_accum", accum, f"{mbs} x {accum} reaches the preset's batch of {effective} examples per step"))
+                    choices.append(Explanation(field="grad_accum", value=accum, why=f"{mbs} x {accum} reaches the preset's batch of {effective} examples per step"))
                 if hp.gradient_checkpointing is None:
                     why = "needed to fit: activations are recomputed in backward" if gc else "not needed: it would only slow training"
-                    choices.append(Choice("gradient_checkpointing", gc, why))
+                    choices.append(Explanation(field="gradient_checkpointing", value=gc, why=why))
                 memory = MemoryPlan(
                     device=device, estimate_bytes=est.total, available_bytes=available, fits=True,
                     adapter_bytes=est.lora_weights, lines=est.lines(),

@@ -11,7 +11,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from activities.dataset_render import prompt_and_reference, render_example, render_text
+from activities.base_model import load_tokenizer
+from activities.dataset_render import IGNORE, prompt_and_reference, render_example, render_text
 from activities.dataset_rows import read_dataset, split_rows
 from activities.errors import user_error
 from activities.preflight import resolve_dataset_path
@@ -23,8 +24,6 @@ def snapshot_dataset(plan: TrainingPlan, db, store: ArtifactStore, *, roots: Seq
     """Validate, split and tokenize the dataset (and the eval_dataset, when the spec has one)
     exactly as preflight planned: copies of a row stay on one side of the split, eval-file
     rows that also occur in the dataset are left out. `roots`: where local files may be."""
-    from worker_gpu.model_loading import load_tokenizer
-
     spec = plan.spec
     path, source = resolve_dataset_path(spec.dataset, db, store, roots=roots)
     examples, report = read_dataset(path, max_bad_row_fraction=spec.max_bad_row_fraction, source_name=source)
@@ -65,7 +64,7 @@ def snapshot_dataset(plan: TrainingPlan, db, store: ArtifactStore, *, roots: Seq
         lengths.append(r.length_before_truncation)
         truncated += r.truncated
         answer_lost += r.answer_kept_share == 0
-        trained_tokens += sum(1 for t in r.labels if t != -100)
+        trained_tokens += sum(1 for t in r.labels if t != IGNORE)
         train_rows.append({"line": examples[i].line, "input_ids": r.input_ids, "labels": r.labels})
     held, held_rendered = (eval_examples, eval_rendered) if eval_examples is not None else (examples, rendered)
     for i in split.eval:

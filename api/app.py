@@ -19,29 +19,20 @@ from opentelemetry.trace import TracerProvider
 
 from api.auth import TokenVerifier, current_principal
 from api.body_limit import BodyLimitMiddleware
+from api.errors import ERRORS
 from schemas.api import ErrorView
 from api.routes import artifacts, datasets, health, models, preflight, projects, runs
 from runtime import metrics
 from runtime.logs import configure_logging
 from runtime.telemetry import configure_tracing
 from schemas.settings import Settings
-from store.artifacts import open_store
 from store.db import AsyncDatabase
 from store.migrate import upgrade
+from store.open_store import open_store
 
 log = structlog.get_logger(__name__)
 
 JSON_BODY_LIMIT = 1024 * 1024
-# Every answer but success carries {"detail": ...}: a message, field errors or a report.
-ERRORS = {
-    400: {"model": ErrorView, "description": "The body could not be parsed (e.g. not UTF-8)"},
-    401: {"model": ErrorView, "description": "No valid bearer token (auth on)"},
-    403: {"model": ErrorView, "description": "Your role in the project is too low; the message names the one needed"},
-    404: {"model": ErrorView, "description": "Not found, or in a project you have no role in"},
-    409: {"model": ErrorView, "description": "Conflicts with the object's state"},
-    422: {"model": ErrorView, "description": "Invalid request: which field, where, and what to do"},
-    503: {"model": ErrorView, "description": "Temporal, the database or the identity provider is unreachable"},
-}
 # Swagger UI and ReDoc come from the fastapi-offline package, served by this app: /docs
 # works on a machine without internet (FastAPI's defaults load them from a CDN).
 DOCS_ASSETS_URL = "/docs-assets"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cli.demo_data import demo_texts, write_demo_dataset
+from activities.demo_data import demo_texts, write_demo_dataset
 from cli.main import demo_spec
 from schemas.run_spec import RunSpec
 from schemas.settings import Settings

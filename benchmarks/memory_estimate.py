@@ -220,7 +220,7 @@ def measure(
     recipe, rows = _recipe(warm_up_dir, method, 32, 2, checkpointing, WARM_UP_CONFIG["vocab_size"])
     recipe.setup(None)
     recipe.train_step()
-    eval_loss(recipe.model, rows, 2, recipe.device)
+    eval_loss(recipe.model, rows, 2, recipe.device, recipe.dtype)
     recipe.cleanup()
     del recipe, rows
     gc.collect()
@@ -238,7 +238,7 @@ def measure(
     recipe.train_step()  # warm-up: AdamW allocates its moments here
     Path("/proc/self/clear_refs").write_text("5")  # peak := current
     recipe.train_step()
-    eval_loss(recipe.model, rows, micro_batch, recipe.device)
+    eval_loss(recipe.model, rows, micro_batch, recipe.device, recipe.dtype)
     peak = _status_bytes("VmHWM")
     return {"baseline_bytes": baseline, "peak_bytes": peak - baseline}
 

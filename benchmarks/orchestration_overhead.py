@@ -36,26 +36,31 @@ def bare_run(spec: RunSpec, out: Path) -> tuple[float, dict]:
 
     from activities.dataset_render import render_example
     from activities.dataset_rows import deterministic_split, read_dataset
-    from activities.preflight import build_plan
-    from worker_gpu.model_loading import attach_adapter, load_base_model, load_tokenizer, pick_device
+    from activities.preflight import preflight_report
+    from activities.base_model import load_tokenizer
+    from worker_gpu.model_loading import attach_adapter, load_base_model, pick_device, plan_dtype
     from worker_gpu.recipe_lora import LoraRecipe, eval_loss
 
     started = time.perf_counter()
-    plan = build_plan("bare", spec, db=None, store=None, roots=(Path(spec.dataset).resolve().parent,))
+    # The plan exactly as the preflight activity makes it (activities/cpu.py).
+    report = preflight_report("bare", spec, db=None, store=None, roots=(Path(spec.dataset).resolve().parent,))
+    if not report.ok:
+        raise SystemExit("preflight refused the benchmark's spec: " + " ".join(report.errors))
+    plan = report.plan
     examples, _ = read_dataset(Path(spec.dataset))
     tok = load_tokenizer(plan.base_model_path)
     train_idx, eval_idx = deterministic_split(len(examples), spec.eval_fraction, spec.hyperparameters.seed)
     rows = lambda idx: [vars(render_example(examples[i], tok, plan.max_seq_len)) for i in idx]  # noqa: E731
     train, evals = rows(train_idx), rows(eval_idx)
     device = pick_device()
-    baseline, _ = eval_loss(load_base_model(plan, device), evals, plan.micro_batch_size, device)
+    baseline, _ = eval_loss(load_base_model(plan, device), evals, plan.micro_batch_size, device, plan_dtype(plan, device))
     recipe = LoraRecipe(plan, train, device)
     recipe.setup(None)
     recipe.train(plan.total_steps, lambda step, loss: False)
     recipe.model.save_pretrained(out)
     recipe.cleanup()
     tuned_model = attach_adapter(load_base_model(plan, device), plan, out, trainable=False)
-    tuned, _ = eval_loss(tuned_model, evals, plan.micro_batch_size, device)
+    tuned, _ = eval_loss(tuned_model, evals, plan.micro_batch_size, device, plan_dtype(plan, device))
     elapsed = time.perf_counter() - started
     del torch
     return elapsed, {"baseline": baseline, "tuned": tuned, "adapter_sha256": sha256(out / "adapter_model.safetensors")}

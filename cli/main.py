@@ -628,7 +628,7 @@ def verify_adapter(run: dict, spec: RunSpec) -> None:
     if adapter is None:  # the artifact store is remote (S3): fetch the published files
         import tempfile
 
-        from store.artifacts import open_store
+        from store.open_store import open_store
 
         store, prefix = open_store(Settings()), f"runs/{run['id']}/adapter"
         adapter = tempfile.mkdtemp(prefix="lockn-adapter-")
@@ -641,7 +641,7 @@ def verify_adapter(run: dict, spec: RunSpec) -> None:
 
 def prepare_demo(home: Path) -> tuple[Path, Path]:
     """The tiny model and dataset the demo tunes, made once under home/demo."""
-    from cli.demo_data import demo_texts, write_demo_dataset
+    from activities.demo_data import demo_texts, write_demo_dataset
     from worker_gpu.tiny_model import make_tiny_model
 
     demo = home / "demo"

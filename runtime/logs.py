@@ -30,21 +30,14 @@ from schemas.settings import Settings
 HANDLER_NAME = "lockn-tune"
 
 
-def configure_logging(
-    process: str,
-    settings: Settings | None = None,
-    *,
-    json_logs: bool | None = None,
-    stream: TextIO | None = None,
-) -> None:
+def configure_logging(process: str, settings: Settings | None = None, *, stream: TextIO | None = None) -> None:
     """Render this process's logs as settings.log_json and settings.log_level say.
 
     settings defaults to the environment (LOCKN_TUNE_LOG_JSON, LOCKN_TUNE_LOG_LEVEL);
-    json_logs overrides settings.log_json; stream defaults to stderr.
+    stream defaults to stderr.
     """
     settings = settings or Settings()
-    if json_logs is None:
-        json_logs = settings.log_json
+    json_logs = settings.log_json
     level = logging.getLevelName(settings.log_level.upper())
     if not isinstance(level, int):
         level = logging.INFO

@@ -10,6 +10,13 @@ from schemas.model_matrix import ModelEntry
 from schemas.run_spec import Method
 
 
+def training_precision(device: str | None, bf16_supported: bool | None) -> str:
+    """The compute dtype a worker trains in: bfloat16 on a CUDA GPU that supports it, else
+    float32. The one rule preflight plans with, GET /v1/models judges fits by, and a chunk
+    checks its plan against."""
+    return "bfloat16" if device == "cuda" and bf16_supported else "float32"
+
+
 class HardwareInfo(BaseModel):
     """What a worker machine offers for training."""
 
@@ -26,6 +33,10 @@ class HardwareInfo(BaseModel):
     memory_available_bytes: int | None = Field(None, description="System memory available now (MemAvailable).")
     disk_free_bytes: int = Field(description="Free disk space where the stack keeps its state (the home directory).")
     nvidia_driver: str | None = Field(None, description="NVIDIA kernel driver version, when one is loaded (even if torch cannot use it).")
+
+    @property
+    def precision(self) -> str:
+        return training_precision(self.device, self.bf16_supported)
 
 
 class FitSettings(BaseModel):

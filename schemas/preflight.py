@@ -12,8 +12,10 @@ from schemas.run_spec import RunSpec
 
 
 class Explanation(BaseModel):
-    field: str
-    value: Any
+    """One value preflight chose because the spec left it unset, and why."""
+
+    field: str = Field(description="The hyperparameter, as named in the spec (e.g. learning_rate).")
+    value: Any = Field(description="The value chosen.")
     why: str = Field(description="Why preflight chose this value.")
 
 

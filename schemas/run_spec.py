@@ -48,7 +48,7 @@ class Hyperparameters(BaseModel):
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
     )
-    learning_rate: float | None = Field(None, gt=0, le=1.0, description="Peak learning rate (default: by method and model size).")
+    learning_rate: float | None = Field(None, gt=0, le=1.0, description="Peak learning rate (default: by model size).")
     lr_scheduler: LRScheduler = Field(LRScheduler.cosine, description="Learning-rate schedule after warmup.")
     warmup_ratio: float | None = Field(None, ge=0, le=0.5, description="Share of steps spent warming up (default 0.03).")
     weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay on LoRA weights.")

@@ -184,11 +184,3 @@ class LocalArtifactStore(ArtifactStore):
             raise FileNotFoundError(f"no artifact {key!r} at {self.uri(key)}")
         return path
 
-
-def open_store(settings) -> ArtifactStore:
-    """The artifact store the settings name: local disk, or an S3-compatible bucket."""
-    if settings.artifact_store == "s3":
-        from store.s3 import S3ArtifactStore  # minio is only needed when the store is S3
-
-        return S3ArtifactStore(settings)
-    return LocalArtifactStore(settings.artifacts_root)

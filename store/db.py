@@ -23,14 +23,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, UniqueConstraint, event, func, text
+from sqlalchemy import JSON, Column, Index, UniqueConstraint, func, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from schemas.run_spec import RunSpec
 from schemas.run_state import RunState
+from store.engine import make_engine
 
 
 def now() -> float:
@@ -176,32 +176,6 @@ class PublishTargetRow(SQLModel, table=True):
     created_at: float = Field(default_factory=now)
 
 
-def async_url(url: str) -> str:
-    """The asyncio driver URL for a database URL as users write it."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ValueError(f"database URL {url!r} has no scheme; use sqlite:///path or postgresql://user@host/db")
-    base = scheme.split("+", 1)[0]
-    if base == "sqlite":
-        return f"sqlite+aiosqlite://{rest}"
-    if base in ("postgresql", "postgres"):
-        return f"postgresql+asyncpg://{rest}"
-    raise ValueError(f"database URL {url!r}: only sqlite and postgresql are supported (LOCKN_TUNE_DATABASE_URL)")
-
-
-def is_sqlite(url: str) -> bool:
-    return url.startswith("sqlite")
-
-
-def make_engine(url: str) -> AsyncEngine:
-    if is_sqlite(url):
-        # API and workers share the file from several processes.
-        engine = create_async_engine(async_url(url), connect_args={"timeout": 30})
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_async_engine(async_url(url), pool_size=10, max_overflow=20, pool_pre_ping=True)
-
-
 class AsyncDatabase:
     """The service's queries, awaited on the caller's event loop."""
 
@@ -335,17 +309,6 @@ class AsyncDatabase:
         q = select(RunRow.state, func.count()).group_by(RunRow.state)
         async with self.session() as s:
             return {state: n for state, n in (await s.exec(q)).all()}
-
-    async def update_run(self, run_id: str, **fields: Any) -> None:
-        async with self.session() as s:
-            row = await s.get(RunRow, run_id)
-            if row is None:
-                return
-            for k, v in fields.items():
-                setattr(row, k, v)
-            row.updated_at = now()
-            s.add(row)
-            await s.commit()
 
     async def record_state(
         self, run_id: str, seq: int, state: RunState, message: str, data: dict, **fields: Any
@@ -596,11 +559,3 @@ class Database:
 
 async def _make_async(url: str) -> AsyncDatabase:
     return AsyncDatabase(url)
-
-
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.close()

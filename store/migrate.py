@@ -20,7 +20,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from store.db import async_url, is_sqlite
+from store.engine import async_url, is_sqlite, make_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # First revision: the schema the embedded stack created before Alembic.
@@ -103,8 +103,6 @@ def current(url: str) -> str | None:
     import asyncio
 
     from sqlalchemy import inspect, text
-
-    from store.db import make_engine
 
     async def read() -> str | None:
         engine = make_engine(url)

@@ -19,7 +19,7 @@ from temporalio.testing import WorkflowEnvironment
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from cli.demo_data import demo_texts, write_demo_chat_dataset, write_demo_completion_dataset, write_demo_dataset  # noqa: E402
+from activities.demo_data import demo_texts, write_demo_chat_dataset, write_demo_completion_dataset, write_demo_dataset  # noqa: E402
 from cli.stack import temporal_binary  # noqa: E402
 from tests.postgres_server import PostgresServer  # noqa: E402
 from tests.s3_server import S3Server  # noqa: E402
@@ -27,8 +27,9 @@ from tests.stack_process import free_port  # noqa: E402
 from schemas import search_attributes as sa  # noqa: E402
 from schemas.run_spec import RunSpec  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
-from store.artifacts import ArtifactStore, open_store  # noqa: E402
+from store.artifacts import ArtifactStore  # noqa: E402
 from store.db import Database  # noqa: E402
+from store.open_store import open_store  # noqa: E402
 
 
 async def start_dev_server() -> WorkflowEnvironment:

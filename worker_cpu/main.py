@@ -28,8 +28,8 @@ from runtime.logs import configure_logging
 from runtime.telemetry import configure_tracing
 from runtime.temporal import ActivityTelemetry, connect, sdk_runtime, workflow_runner
 from schemas.settings import Settings
-from store.artifacts import open_store
 from store.db import Database
+from store.open_store import open_store
 from workflows.preflight import InspectHardware, PreflightLLM
 from workflows.publish_checkpoint import PublishCheckpoint
 from workflows.tune_llm import TuneLLM

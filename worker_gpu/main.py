@@ -31,8 +31,8 @@ from runtime.logs import configure_logging
 from runtime.telemetry import configure_tracing
 from runtime.temporal import ActivityTelemetry, connect, sdk_runtime
 from schemas.settings import Settings, hardware_task_queue_for
-from store.artifacts import open_store
 from store.db import Database
+from store.open_store import open_store
 
 log = structlog.get_logger(__name__)
 

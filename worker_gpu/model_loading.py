@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from schemas.activities import TrainingPlan
+from schemas.api_models import training_precision
 from schemas.run_spec import Method
 
 
@@ -18,17 +19,28 @@ def pick_device() -> torch.device:
     return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+class PrecisionUnavailable(RuntimeError):
+    """The plan's compute dtype is one this worker cannot train in (retried elsewhere)."""
+
+
+def plan_dtype(plan: TrainingPlan, device: torch.device) -> torch.dtype:
+    """The compute dtype the plan was made for. A worker that cannot honour it refuses
+    rather than train in another dtype than the plan's memory estimate and lineage say."""
+    here = training_precision(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if plan.precision != here:
+        raise PrecisionUnavailable(
+            f"the run's plan trains in {plan.precision}, but this worker ({device}) trains in {here}: "
+            "it is retried on another GPU worker; if none can, start the run again so preflight "
+            "plans for the workers you have"
+        )
+    return torch.bfloat16 if plan.precision == "bfloat16" else torch.float32
 
 
 def load_base_model(plan: TrainingPlan, device: torch.device):
     """The base model as the plan says: NF4 4-bit for QLoRA, compute dtype otherwise."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = compute_dtype(device)
+    dtype = plan_dtype(plan, device)
     kwargs = dict(dtype=dtype, device_map={"": device.index if device.type == "cuda" else "cpu"})
     if plan.spec.method == Method.qlora:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -79,12 +91,3 @@ def attach_adapter(model, plan: TrainingPlan, adapter_dir: Path | None, trainabl
         torch.manual_seed(plan.hp.seed)
         return get_peft_model(model, lora_config(plan))
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from activities.dataset_render import IGNORE
 from schemas.activities import TrainingPlan
-from worker_gpu.model_loading import attach_adapter, compute_dtype, load_base_model
+from worker_gpu.model_loading import attach_adapter, load_base_model, plan_dtype
 
-IGNORE = -100
 STATE_FILE = "trainer_state.pt"
 CURSOR_FILE = "cursor.json"
 ADAPTER_DIR = "adapter"
@@ -69,7 +69,7 @@ class LoraRecipe:
         self.hp = plan.hp
         self.rows = train_rows
         self.device = device
-        self.dtype = compute_dtype(device)
+        self.dtype = plan_dtype(plan, device)
         self.step = 0
         self.epoch = 0
         self.position = 0
@@ -208,12 +208,13 @@ class LoraRecipe:
 
 @torch.no_grad()
 def eval_loss(
-    model, rows: list[dict], batch_size: int, device: torch.device, between_batches: Callable[[], None] | None = None
+    model, rows: list[dict], batch_size: int, device: torch.device, dtype: torch.dtype,
+    between_batches: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
-    """Mean token loss over the labelled tokens of rows, and how many tokens that is.
-    between_batches() runs before every batch: it raises to stop (cancel, shutdown)."""
+    """Mean token loss over the labelled tokens of rows in the compute dtype (the plan's),
+    and how many tokens that is. between_batches() runs before every batch: it raises to stop
+    (cancel, shutdown)."""
     model.eval()
-    dtype = compute_dtype(device)
     total, tokens = 0.0, 0
     for i in range(0, len(rows), batch_size):
         if between_batches is not None:

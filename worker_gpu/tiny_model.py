@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from activities.demo_data import demo_texts
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -57,8 +59,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
 
 def default_texts() -> list[str]:
     """The demo dataset's texts, so the tokenizer covers what the demo trains on."""
-    from cli.demo_data import demo_texts
-
     return demo_texts()
 
 

@@ -12,8 +12,7 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
-from activities.memory_estimate import ModelShape, estimate_training_memory
-from activities.preflight import USABLE_GPU, USABLE_RAM
+from activities.memory_estimate import ModelShape, estimate_training_memory, usable_memory
 from api.deps import get_temporal
 from schemas.api_models import (
     FitSettings,
@@ -60,15 +59,6 @@ def estimate_entry_memory(entry: ModelEntry, *, method: str, settings: FitSettin
     ).total
 
 
-def usable_memory(hardware: HardwareInfo) -> tuple[str, int | None]:
-    """What training may use, with preflight's headroom: most of the GPU on cuda, of MemAvailable on CPU."""
-    if hardware.device == "cuda" and hardware.gpu_memory_bytes:
-        return "GPU memory", int(hardware.gpu_memory_bytes * USABLE_GPU)
-    if hardware.memory_available_bytes is None:
-        return "memory", None
-    return "RAM", int(hardware.memory_available_bytes * USABLE_RAM)
-
-
 def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
 
@@ -82,13 +72,14 @@ def fit_verdict(
 ) -> FitVerdict:
     """Whether tuning `entry` with `method` at `settings` fits `hardware`, and why."""
     settings = settings or FitSettings()
-    what, available = usable_memory(hardware)
+    usable = usable_memory(hardware.device, hardware.gpu_memory_bytes, hardware.memory_available_bytes)
+    what, available = usable.what, usable.bytes
     if method not in entry.methods:
         offered = ", ".join(m.value for m in entry.methods)
         reason = f"{method.value} is not offered for this model (use: {offered})"
         return FitVerdict(fits=False, available_bytes=available, reason=reason)
     device = hardware.device
-    dtype = "bfloat16" if device == "cuda" and hardware.bf16_supported else "float32"
+    dtype = hardware.precision
     estimate = estimate_fn(entry, method=method.value, settings=settings, dtype=dtype, device=device)
     if method == Method.qlora and not hardware.bitsandbytes_usable:
         return FitVerdict(

@@ -6,10 +6,12 @@ import asyncio
 import hashlib
 import json
 import math
+from collections.abc import AsyncIterator
+from typing import Annotated
 
 import structlog
-from fastapi import APIRouter, Header, HTTPException, Query, Response
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDReusePolicy
@@ -20,6 +22,7 @@ from temporalio.service import RPCError
 from activities.base_model import local_model_dir
 from activities.local_paths import PathRefused, allowed_path, allowed_roots
 from api.deps import DbDep, PrincipalDep, Role, SettingsDep, StoreDep, TemporalDep
+from api.errors import errors_as_json
 from schemas import search_attributes as sa
 from schemas.activities import (
     CheckpointRef,
@@ -373,51 +376,48 @@ async def publish_checkpoint(
 
 
 EVENT_LOOKBACK = 50
+POLL_S = 0.5
 
 
-def _sse(ev) -> str:
-    view = EventView(**ev.model_dump())
-    return f"id: {view.id}\nevent: {view.kind}\ndata: {view.model_dump_json()}\n\n"
+async def visible_run(run_id: str, db: DbDep, principal: PrincipalDep) -> RunRow:
+    """The run a viewer may read, checked as a dependency so a stream's 404 is answered
+    before its 200 headers go out."""
+    return await get_visible_run(db, principal, run_id)
 
 
 @router.get(
     "/{run_id}/events",
-    response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events, one per run event."}},
+    response_class=EventSourceResponse,
+    responses={
+        **errors_as_json(),
+        200: {"description": "Server-sent events, one per run event, then `end` with the run's state."},
+    },
 )
 async def run_events(
     run_id: str,
     db: DbDep,
-    principal: PrincipalDep,
+    _run: Annotated[RunRow, Depends(visible_run)],
     follow: bool = Query(True, description="Keep the stream open until the run ends."),
     last_event_id: int = Header(0, alias="Last-Event-ID", ge=0, description="Resume after this event id."),
-) -> StreamingResponse:
+) -> AsyncIterator[ServerSentEvent]:
     """The run's events as server-sent events: state transitions, training progress (step,
-    loss), warnings. With follow, the stream ends after the run's final state."""
-    await get_visible_run(db, principal, run_id)
-
-    async def stream():
-        # Ids come from a sequence: on PostgreSQL an event can commit after one with a higher
-        # id. Each poll looks back EVENT_LOOKBACK ids and sends what it has not sent yet.
-        after = last_event_id
-        sent: set[int] = set()
-        idle = 0
-        while True:
-            window = await db.events(run_id, max(last_event_id, after - EVENT_LOOKBACK))
-            events = [ev for ev in window if ev.id not in sent]
-            for ev in events:
-                sent.add(ev.id)
-                after = max(after, ev.id)
-                yield _sse(ev)
-            sent = {i for i in sent if i > after - EVENT_LOOKBACK}
-            row = await db.get_run(run_id)
-            ended = RunState(row.state).terminal
-            if not follow or (ended and not events):
-                yield f"event: end\ndata: {json.dumps({'state': row.state})}\n\n"
-                return
-            idle = idle + 1 if not events else 0
-            if idle and idle % 30 == 0:
-                yield ": keep-alive\n\n"
-            await asyncio.sleep(0.5)
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    loss), warnings. With follow, the stream ends after the run's final state. While
+    nothing happens, EventSourceResponse sends a keep-alive comment every 15 s."""
+    # Ids come from a sequence: on PostgreSQL an event can commit after one with a higher
+    # id. Each poll looks back EVENT_LOOKBACK ids and sends what it has not sent yet.
+    after = last_event_id
+    sent: set[int] = set()
+    while True:
+        window = await db.events(run_id, max(last_event_id, after - EVENT_LOOKBACK))
+        events = [ev for ev in window if ev.id not in sent]
+        for ev in events:
+            sent.add(ev.id)
+            after = max(after, ev.id)
+            view = EventView(**ev.model_dump())
+            yield ServerSentEvent(id=str(view.id), event=view.kind, data=view)
+        sent = {i for i in sent if i > after - EVENT_LOOKBACK}
+        row = await db.get_run(run_id)
+        if not follow or (RunState(row.state).terminal and not events):
+            yield ServerSentEvent(event="end", data={"state": row.state})
+            return
+        await asyncio.sleep(POLL_S)

@@ -19,7 +19,7 @@ from temporalio.client import WorkflowFailureError
 
 from api.app import create_app
 from api.routes.runs import start_run_workflow
-from cli.demo_data import demo_texts
+from activities.demo_data import demo_texts
 from schemas.run_state import RunState
 from store.db import new_id
 from tests.conftest import small_spec
@@ -170,8 +170,8 @@ async def test_worker_shutdown_during_eval_ends_at_once_and_the_eval_runs_again(
     graceful-shutdown timeout (120 s), and the eval is retried on the next GPU worker."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from store.artifacts import open_store
     from store.db import Database
+    from store.open_store import open_store
     from tests.conftest import Stack, stack_settings
     from worker_cpu.main import build_worker as cpu_worker
     from worker_gpu.main import build_worker as gpu_worker

@@ -11,7 +11,10 @@ import pytest
 
 from activities.memory_estimate import ModelShape, estimate_training_memory
 from activities.preflight import preflight_report
-from schemas.run_spec import RunSpec
+from api.routes.models import fit_verdict
+from schemas.api_models import HardwareInfo
+from schemas.model_matrix import load_matrix
+from schemas.run_spec import Method, RunSpec
 
 # Where local models and datasets may be: the tests' own files live under the temp folder.
 ROOTS = (Path(tempfile.gettempdir()).resolve(),)
@@ -136,7 +139,7 @@ def test_a_few_truncated_rows_are_listed_and_the_list_is_bounded(tiny_model, tmp
 
 
 def test_an_eval_dataset_replaces_the_held_out_split(tiny_model, tmp_path):
-    from cli.demo_data import write_demo_dataset
+    from activities.demo_data import write_demo_dataset
 
     train = write_demo_dataset(tmp_path / "train.jsonl", rows=200, seed=0)
     fresh = write_demo_dataset(tmp_path / "fresh.jsonl", rows=230, seed=0).read_text().splitlines()[200:]
@@ -148,7 +151,7 @@ def test_an_eval_dataset_replaces_the_held_out_split(tiny_model, tmp_path):
 
 
 def test_eval_rows_that_also_train_are_left_out_with_their_lines(tiny_model, tmp_path):
-    from cli.demo_data import write_demo_dataset
+    from activities.demo_data import write_demo_dataset
 
     lines = write_demo_dataset(tmp_path / "all.jsonl", rows=150, seed=0).read_text().splitlines()
     train = write_rows(tmp_path / "train.jsonl", [json.loads(x) for x in lines[:120]])
@@ -259,3 +262,24 @@ def test_cpu_fallback_and_broken_driver_are_stated_plainly(tiny_model, datasets)
 def test_too_little_disk_for_checkpoints_is_refused(tiny_model, datasets):
     r = report(tiny_model, datasets["instruction"], hardware={**CPU, "disk_free_bytes": 1000})
     assert not r.ok and "of disk" in r.errors[0]
+
+
+def test_preflight_and_the_models_route_judge_memory_by_one_rule(tiny_model, datasets):
+    """The same worker report gives the same usable memory in the plan and in GET /v1/models;
+    when the worker does not report its free memory, the route says unknown and preflight,
+    which still has to choose a micro-batch, says what it assumed instead of hiding it."""
+    entry = load_matrix().get("mistralai/Mistral-7B-Instruct-v0.3")
+    known = {**CPU, "memory_available_bytes": 10 * 2**30}
+    planned = report(tiny_model, datasets["instruction"], hardware=known)
+    assert planned.ok, planned.errors
+    assert fit_verdict(entry, Method.lora, HardwareInfo(**known)).available_bytes == planned.memory.available_bytes
+    assert not any("free memory" in w for w in planned.warnings)
+
+    unknown = {k: v for k, v in CPU.items() if k != "memory_available_bytes"}
+    verdict = fit_verdict(entry, Method.lora, HardwareInfo(**unknown))
+    assert verdict.fits is None and "unknown" in verdict.reason
+    assumed = report(tiny_model, datasets["instruction"], hardware=unknown)
+    assert assumed.ok, assumed.errors
+    [warning] = [w for w in assumed.warnings if "free memory" in w]
+    assert "did not report its free memory" in warning and "13.7 GB" in warning  # 80% of 16 GiB, as planned
+    assert assumed.plan.warnings == assumed.warnings

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from activities.preflight import preflight_report
 from activities.snapshot import snapshot_dataset
-from cli.demo_data import write_demo_dataset
+from activities.demo_data import write_demo_dataset
 from schemas.run_spec import RunSpec
 from store.artifacts import LocalArtifactStore
 

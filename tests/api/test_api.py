@@ -65,6 +65,11 @@ async def test_health_and_docs(api):
     paths = (await api.get("/openapi.json")).json()["paths"]
     for path in ("/v1/runs", "/v1/runs/{run_id}", "/v1/runs/{run_id}/cancel", "/v1/runs/{run_id}/events", "/v1/datasets", "/healthz"):
         assert path in paths
+    # The stream is text/event-stream; its errors (404, 422, ...) are JSON like every route's.
+    answers = paths["/v1/runs/{run_id}/events"]["get"]["responses"]
+    assert {code: list(a["content"]) for code, a in answers.items()} == {
+        code: ["text/event-stream" if code == "200" else "application/json"] for code in answers
+    }
 
 
 async def test_dataset_upload_multipart_and_raw(api, datasets):

@@ -166,6 +166,17 @@ async def test_every_route_is_in_the_table(world):
     assert served == set(ROUTES), f"routes without a role in ROUTES: {served - set(ROUTES)}; stale: {set(ROUTES) - served}"
 
 
+def test_openapi_documents_the_bearer_scheme(issuer, tmp_path):
+    # What /docs shows: an Authorize button for a JWT bearer token, and a lock on every route but the public ones.
+    schema = create_app(issuer.settings(tmp_path)).openapi()
+    [(name, scheme)] = schema["components"]["securitySchemes"].items()
+    assert (scheme["type"], scheme["scheme"], scheme["bearerFormat"]) == ("http", "bearer", "JWT")
+    assert "LOCKN_TUNE_OIDC_ISSUER" in scheme["description"]
+    for (method, path), need in ROUTES.items():
+        security = schema["paths"][path][method].get("security")
+        assert security == (None if need == PUBLIC else [{name: []}]), (method, path, security)
+
+
 async def test_no_token_is_401_on_every_protected_route(world, datasets):
     for (method, path), need in ROUTES.items():
         r = await world.api.request(**request_for(world, method, path, datasets))

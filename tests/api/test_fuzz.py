@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from cli.demo_data import write_demo_dataset
+from activities.demo_data import write_demo_dataset
 from tests.stack_process import UpProcess
 
 ST = Path(sys.executable).parent / "st"

@@ -9,7 +9,7 @@ import time
 import httpx
 import yaml
 
-from cli.demo_data import write_demo_dataset
+from activities.demo_data import write_demo_dataset
 from tests.stack_process import UpProcess
 
 MARKER = "SECRET-51d0e2-DO-NOT-LEAK"

@@ -8,7 +8,7 @@ import subprocess
 import httpx
 import yaml
 
-from cli.demo_data import write_demo_dataset
+from activities.demo_data import write_demo_dataset
 from tests.stack_process import BIN, UpProcess, wait_run
 
 

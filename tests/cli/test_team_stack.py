@@ -9,7 +9,7 @@ import subprocess
 import httpx
 import yaml
 
-from cli.demo_data import write_demo_dataset
+from activities.demo_data import write_demo_dataset
 from cli.stack import settings_env
 from tests.auth_tokens import LocalIssuer
 from tests.stack_process import BIN, UpProcess

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from cli.demo_data import write_demo_dataset
+from activities.demo_data import write_demo_dataset
 from tests.stack_process import UpProcess, get_json, pids, wait_run
 
 FAST_FAILOVER = {"LOCKN_TUNE_HEARTBEAT_EVERY_S": "1", "LOCKN_TUNE_HEARTBEAT_TIMEOUT_S": "5"}

@@ -13,7 +13,7 @@ from schemas.settings import Settings
 from tests.runtime.log_workflow import LogsOnce
 
 
-def test_settings_choose_json_and_level(log_capture):
+def test_settings_choose_json_and_level(log_capture, monkeypatch):
     configure_logging("api", Settings(log_json=True, log_level="warning"), stream=log_capture.buf)
     log = structlog.get_logger("tests")
     log.info("quiet.line")
@@ -21,8 +21,9 @@ def test_settings_choose_json_and_level(log_capture):
     assert [(line["event"], line["level"], line["process"], line["run_id"]) for line in log_capture.lines()] == [
         ("loud.line", "warning", "api", "run_x")
     ]
-    # The old call sites (process name, settings from the environment) still work.
-    configure_logging("supervisor", json_logs=False, stream=log_capture.buf)
+    # The CLI's call (process name only) reads the settings from the environment.
+    monkeypatch.setenv("LOCKN_TUNE_LOG_JSON", "0")
+    configure_logging("supervisor", stream=log_capture.buf)
     structlog.get_logger("tests").info("plain.line", step=3)
     last = log_capture.buf.getvalue().splitlines()[-1]
     assert "plain.line" in last and "step=3" in last and "supervisor" in last

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from schemas.settings import Settings
-from store.artifacts import ArtifactCorrupt, ArtifactStoreError, LocalArtifactStore, UnsafeKey, open_store
+from store.artifacts import ArtifactCorrupt, ArtifactStoreError, LocalArtifactStore, UnsafeKey
+from store.open_store import open_store
 from store.checkpoints import commit_checkpoint, committed_steps, fetch_latest_checkpoint, prune_checkpoints
 from store.s3 import S3ArtifactStore
 from tests.s3_server import S3Server

@@ -34,7 +34,7 @@ def schema_diff(url: str) -> list:
     """Differences between the migrated database and the SQLModel tables."""
     import asyncio
 
-    from store.db import make_engine
+    from store.engine import make_engine
 
     async def diff():
         engine = make_engine(url)

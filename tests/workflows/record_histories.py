@@ -35,7 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle  # noqa: E402
 
 from api.routes.runs import start_run_workflow  # noqa: E402
-from cli.demo_data import demo_texts, write_demo_dataset  # noqa: E402
+from activities.demo_data import demo_texts, write_demo_dataset  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from store.db import Database, new_id  # noqa: E402
 from tests.conftest import running_workers, small_spec, stack_settings, start_dev_server  # noqa: E402

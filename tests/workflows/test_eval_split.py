@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from cli.demo_data import write_demo_dataset
+from activities.demo_data import write_demo_dataset
 from schemas.run_state import RunState
 from tests.conftest import small_spec
 from tests.workflows.test_tune_llm import run_to_end

@@ -1,6 +1,6 @@
 """The demo dataset is deterministic and every line has the shape its loader expects.
 
-Run: python -m pytest tests/cli/test_demo_data.py -q
+Run: python -m pytest tests/activities/test_demo_data.py -q
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.demo_data import demo_texts, write_demo_chat_dataset, write_demo_completion_dataset, write_demo_dataset
+from activities.demo_data import demo_texts, write_demo_chat_dataset, write_demo_completion_dataset, write_demo_dataset
 
 WRITERS = [write_demo_dataset, write_demo_chat_dataset, write_demo_completion_dataset]
 

@@ -1,6 +1,7 @@
 """The demo dataset: small templated tasks a tiny random-weight model can learn in minutes.
 
-The same seed always writes the same bytes, so demo runs and tests are reproducible.
+The same seed always writes the same bytes, so demo runs and tests are reproducible. It lives
+below the processes because the CLI writes it and worker_gpu trains the tiny model's tokenizer on it.
 """
 
 from __future__ import annotations
