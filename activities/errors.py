@@ -2,7 +2,7 @@
 
 from temporalio.exceptions import ApplicationError
 
-USER_ERROR = "UserError"
+from schemas.errors import USER_ERROR
 
 
 def user_error(message: str, **details) -> ApplicationError:

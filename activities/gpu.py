@@ -24,13 +24,13 @@ from activities.lineage import hardware
 from runtime import metrics
 from schemas.activities import ChunkInput, ChunkResult, EvalResult, EvalSample, EvaluateInput
 from schemas.api_models import HardwareInfo
+from schemas.errors import OUT_OF_MEMORY, WORKER_SHUTDOWN
 from schemas.settings import Settings
 from store.artifacts import ArtifactCorrupt, ArtifactStore, sha256_file
 from store.checkpoints import commit_checkpoint, fetch_checkpoint, fetch_latest_checkpoint, prune_checkpoints
 from store.db import Database
 
 SAMPLES = 3
-OUT_OF_MEMORY = "OutOfMemory"
 
 log = structlog.get_logger(__name__)
 
@@ -238,7 +238,7 @@ def _stop_if_asked(what: str) -> None:
         raise CancelledError(f"{what} cancelled")
     if activity.is_worker_shutdown():
         # Retryable on purpose: another GPU worker (or this one, restarted) runs it again.
-        raise ApplicationError(f"worker_gpu is shutting down; the {what} is retried on a GPU worker", type="WorkerShutdown")
+        raise ApplicationError(f"worker_gpu is shutting down; the {what} is retried on a GPU worker", type=WORKER_SHUTDOWN)
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -15,11 +15,11 @@ from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError,
 
 with workflow.unsafe.imports_passed_through():
     from schemas.preflight import PreflightInput, PreflightReport
+    from schemas.errors import NO_GPU_WORKER, USER_ERROR
     from schemas.settings import hardware_task_queue_for, no_gpu_worker_message
 
 # Workflows started before the hardware queue asked the GPU queue, behind training.
 HARDWARE_QUEUE_PATCH = "inspect-hardware-on-hardware-queue"
-NO_GPU_WORKER = "NoGpuWorker"
 # A GPU worker's hardware queue answers in about a second; this long without a pickup means none is up.
 HARDWARE_WAIT = timedelta(seconds=10)
 
@@ -62,7 +62,7 @@ class PreflightLLM:
             inp.model_copy(update={"hardware": hardware}),
             task_queue=cpu_task_queue,
             start_to_close_timeout=timedelta(minutes=10),
-            retry_policy=RetryPolicy(maximum_attempts=2, non_retryable_error_types=["UserError"]),
+            retry_policy=RetryPolicy(maximum_attempts=2, non_retryable_error_types=[USER_ERROR]),
             result_type=PreflightReport,
         )
 

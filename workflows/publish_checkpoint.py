@@ -14,6 +14,7 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from schemas.activities import PublishCheckpointInput, PublishResult
+    from schemas.errors import USER_ERROR
 
 
 @workflow.defn(name="PublishCheckpoint")
@@ -29,7 +30,7 @@ class PublishCheckpoint:
                 initial_interval=timedelta(seconds=1),
                 maximum_interval=timedelta(seconds=30),
                 maximum_attempts=5,
-                non_retryable_error_types=["UserError"],
+                non_retryable_error_types=[USER_ERROR],
             ),
             result_type=PublishResult,
         )

@@ -32,12 +32,11 @@ with workflow.unsafe.imports_passed_through():
     )
     from schemas.preflight import PreflightInput
     from schemas.run_state import RunState, RunStatus
+    from schemas.errors import OUT_OF_MEMORY, RUN_FAILED, USER_ERROR
     from schemas.settings import hardware_task_queue_for
 
-USER_ERROR = "UserError"
 # Runs started before the hardware queue asked for the hardware on the GPU queue, behind training.
 HARDWARE_QUEUE_PATCH = "inspect-hardware-on-hardware-queue"
-OUT_OF_MEMORY = "OutOfMemory"
 
 # User errors fail at once; anything else (a lost worker, a locked DB) is retried.
 RETRY = RetryPolicy(
@@ -129,7 +128,7 @@ class TuneLLM:
     async def _fail(self, reason: str, err: Exception):
         self._status.error = reason
         await self._enter(RunState.failed, reason, error=reason)
-        raise ApplicationError(reason, type="RunFailed", non_retryable=True) from err
+        raise ApplicationError(reason, type=RUN_FAILED, non_retryable=True) from err
 
     async def _run(self, inp: RunInput) -> RunResult:
         if inp.carry is None:

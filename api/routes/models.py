@@ -21,6 +21,7 @@ from schemas.api_models import (
     ModelList,
     ModelView,
 )
+from schemas.errors import NO_GPU_WORKER
 from schemas.model_matrix import ModelEntry, load_matrix
 from schemas.run_spec import Method
 from schemas.settings import Settings, no_gpu_worker_message
@@ -104,7 +105,6 @@ def fit_verdict(
     )
 
 
-NO_GPU_WORKER = "NoGpuWorker"  # the error type workflows/preflight.py raises when no GPU worker picks up
 
 
 async def require_gpu_worker(client: Client, settings: Settings) -> None:

@@ -9,8 +9,9 @@ from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
 from api.deps import DbDep, PrincipalDep, Role, SettingsDep, TemporalDep
-from api.routes.models import NO_GPU_WORKER, failure_message, require_gpu_worker
+from api.routes.models import failure_message, require_gpu_worker
 from api.routes.runs import check_dataset
+from schemas.errors import NO_GPU_WORKER
 from schemas.preflight import PreflightInput, PreflightReport
 from schemas.run_spec import RunSpec
 from store.db import new_id
