@@ -33,10 +33,8 @@ LAYER = {
 # worker's own: events): they never import torch or worker_gpu. (Tokenizing goes through
 # transformers, which imports torch itself: see activities.base_model.load_tokenizer.)
 CPU_ACTIVITIES = {"activities.preflight", "activities.snapshot", "activities.publish", "activities.cpu"}
-# The GPU-queue activities run the recipe that worker_gpu holds (DESIGN forbids worker_gpu
-# to the CPU-queue activities only); they reach it inside the activity, so importing them
-# stays light. The one import allowed to run up a layer.
-GPU_ACTIVITIES = {"activities.gpu"}
+# The GPU-queue activities live with the recipe they run, in worker_gpu: no import runs up a layer.
+GPU_ACTIVITIES = {"worker_gpu.activities"}
 # Modules that define activities: the API reaches them through Temporal, not by import.
 ACTIVITY_MODULES = CPU_ACTIVITIES | GPU_ACTIVITIES
 # What a workflow module may import besides schemas: the SDK, pydantic, the standard library.
@@ -170,7 +168,7 @@ def test_the_walk_sees_every_package():
 def _runs_up(imp: Import) -> bool:
     if not _is_ours(imp.target) or LAYER[_pkg(imp.target)] <= LAYER[_pkg(imp.source)]:
         return False
-    return not (imp.source in GPU_ACTIVITIES and _pkg(imp.target) == "worker_gpu" and imp.lazy)
+    return True
 
 
 def test_the_walk_resolves_relative_lazy_and_typing_only_imports(tmp_path):

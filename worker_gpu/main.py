@@ -25,7 +25,7 @@ from opentelemetry.trace import TracerProvider
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.gpu import GpuActivities
+from worker_gpu.activities import GpuActivities
 from runtime import metrics
 from runtime.logs import configure_logging
 from runtime.telemetry import configure_tracing
