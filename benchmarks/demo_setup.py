@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from activities.demo_data import demo_texts, write_demo_dataset
-from cli.main import demo_spec
+from cli.demo import demo_spec
 from schemas.run_spec import RunSpec
 from schemas.settings import Settings
 
