@@ -30,7 +30,9 @@ def load_tokenizer(path: str | Path):
 
 
 @dataclass(frozen=True)
-class BaseModel:
+class ResolvedBaseModel:
+    """A base model found on disk: where its files are, which revision, and its config."""
+
     path: Path
     revision: str  # hub commit, or sha256 over the local weight files
     config: dict
@@ -53,7 +55,7 @@ def local_model_dir(name: str, roots: Sequence[Path]) -> Path | None:
     return candidate if within_roots(candidate, roots) and candidate.is_dir() else None
 
 
-def resolve_base_model(name: str, *, roots: Sequence[Path] = ()) -> BaseModel:
+def resolve_base_model(name: str, *, roots: Sequence[Path] = ()) -> ResolvedBaseModel:
     """A local model directory under the allowed roots, or a hub id already in the local
     Hugging Face cache. A folder outside the roots is refused before anything in it is read."""
     try:
@@ -84,7 +86,7 @@ def resolve_base_model(name: str, *, roots: Sequence[Path] = ()) -> BaseModel:
     config = json.loads((path / "config.json").read_text())
     if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
         raise user_error(f"base_model {name!r} has no weight files (*.safetensors or *.bin) in {path}")
-    return BaseModel(path=path, revision=revision, config=config)
+    return ResolvedBaseModel(path=path, revision=revision, config=config)
 
 
 def weights_sha256(path: Path) -> str:

@@ -24,15 +24,25 @@ from schemas.activities import (
 from schemas.preflight import PreflightInput, PreflightReport
 from schemas.settings import Settings
 from store.artifacts import ArtifactStore
-from store.db import Database, RunRow
+from store.blocking import BlockingDatabase
+from store.tables import RunRow
 
-# Event data that also updates the run row; anything large stays off the event itself.
-RUN_FIELDS = {c for c in RunRow.model_fields}
+# The run row's columns that a run's status and attachments write.
+RUN_FIELDS = set(RunRow.model_fields) - {"id", "state"}
 LARGE = {"plan", "dataset_snapshot", "metrics"}
 
 
+def row_fields(inp: RecordEventInput) -> dict:
+    """The run row's columns after an event: derived from the run's status (the same status
+    the workflow's query answers and its search attributes come from), plus the attachments."""
+    if inp.status is None:  # an event scheduled by a workflow worker older than status-carrying events
+        return {k: v for k, v in inp.data.items() if k in RUN_FIELDS}
+    fields = inp.status.model_dump(mode="json", include=RUN_FIELDS)
+    return {**fields, **{k: v for k, v in inp.attach.items() if k in RUN_FIELDS}}
+
+
 class CpuActivities:
-    def __init__(self, settings: Settings, db: Database, store: ArtifactStore):
+    def __init__(self, settings: Settings, db: BlockingDatabase, store: ArtifactStore):
         self.settings, self.db, self.store = settings, db, store
 
     def roots(self) -> tuple:
@@ -42,21 +52,22 @@ class CpuActivities:
 
     @activity.defn(name="record_event")
     def record_event(self, inp: RecordEventInput) -> None:
-        """Write a state transition to the run's events and row. Idempotent on (run_id, seq)."""
-        fields = {k: v for k, v in inp.data.items() if k in RUN_FIELDS}
+        """Write a state transition to the run's events and row: the one writer of run state.
+        Idempotent on (run_id, seq): a retry changes nothing."""
         data = {k: v for k, v in inp.data.items() if k not in LARGE}
-        self.db.record_state(inp.run_id, inp.seq, inp.state, inp.message, data, **fields)
+        self.db.record_state(inp.run_id, inp.seq, inp.state, inp.message, data, **row_fields(inp))
 
     @activity.defn(name="preflight")
     def preflight(self, inp: PreflightInput) -> TrainingPlan:
         """Resolve model, data, config and hardware into a plan, or fail with what to change.
         The report is stored on the run either way."""
         report = preflight_report(inp.run_id, inp.spec, self.db, self.store, inp.hardware, roots=self.roots())
-        self.db.add_event(inp.run_id, "preflight", "preflight report", report.model_dump(mode="json"))
+        # Keyed: a retried preflight leaves one report and one row per warning.
+        self.db.add_event(inp.run_id, "preflight", "preflight report", report.model_dump(mode="json"), key="preflight")
         if not report.ok:
             raise user_error(" ".join(report.errors))
-        for w in report.warnings:
-            self.db.add_event(inp.run_id, "warning", w)
+        for i, w in enumerate(report.warnings):
+            self.db.add_event(inp.run_id, "warning", w, key=f"preflight-warning:{i}")
         return report.plan
 
     @activity.defn(name="preflight_report")

@@ -7,7 +7,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("lockn-tune", "torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "tokenizers", "temporalio")
+PACKAGES = ("lockn-tune", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "tokenizers", "temporalio")
 
 
 def package_versions() -> dict[str, str]:

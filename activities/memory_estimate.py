@@ -209,14 +209,15 @@ class UsableMemory:
     bytes: int | None  # None: the worker did not report its free memory
 
 
-def usable_memory(device: str | None, gpu_memory_bytes: int | None, memory_available_bytes: int | None) -> UsableMemory:
+def usable_memory(hardware: HardwareInfo | None) -> UsableMemory:
     """Most of the GPU on a CUDA worker, most of MemAvailable otherwise; unknown stays unknown
     (None), for the caller to say so rather than guess silently."""
-    if device == "cuda" and gpu_memory_bytes:
-        return UsableMemory("cuda", "GPU memory", int(gpu_memory_bytes * USABLE_GPU))
-    if memory_available_bytes is None:
+    if hardware is not None and hardware.device == "cuda" and hardware.gpu_memory_bytes:
+        return UsableMemory("cuda", "GPU memory", int(hardware.gpu_memory_bytes * USABLE_GPU))
+    if hardware is None or hardware.memory_available_bytes is None:
         return UsableMemory("cpu", "memory", None)
-    return UsableMemory("cpu", "RAM", int(memory_available_bytes * USABLE_RAM))
+    return UsableMemory("cpu", "RAM", int(hardware.memory_available_bytes * USABLE_RAM))
+
 
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

@@ -22,7 +22,8 @@ from activities.errors import user_error
 from activities.local_paths import PathRefused, allowed_path
 from activities.memory_estimate import USABLE_RAM, ModelShape, estimate_training_memory, usable_memory
 from schemas.activities import TrainingPlan
-from schemas.api_models import training_precision
+from schemas.datasets import TokenLengths
+from schemas.hardware import HardwareInfo
 from schemas.preflight import (
     DatasetPreflight,
     Explanation,
@@ -31,7 +32,6 @@ from schemas.preflight import (
     PreflightReport,
     RenderedSample,
     RepeatedRow,
-    TokenLengths,
 )
 from schemas.run_spec import Method, ResolvedHyperparameters, RunSpec
 from store.artifacts import ArtifactCorrupt
@@ -88,11 +88,11 @@ def resolve_dataset_path(
 
 
 def preflight_report(
-    run_id: str, spec: RunSpec, db, store, hardware: dict | None = None, *, roots: Sequence[Path] = ()
+    run_id: str, spec: RunSpec, db, store, hardware: HardwareInfo | None = None, *, roots: Sequence[Path] = ()
 ) -> PreflightReport:
     """The full report. Problems a user can fix are collected as errors, not raised;
-    only a missing model or dataset raises (nothing else can be checked without them)."""
-    hardware = hardware or {}
+    only a missing model or dataset raises (nothing else can be checked without them).
+    `hardware` None (unknown): the plan assumes a CPU worker and says so."""
     errors, warnings = [], []
     hp = spec.hyperparameters
 
@@ -117,15 +117,15 @@ def preflight_report(
             f"hyperparameters.max_seq_len {hp.max_seq_len} is longer than the model's context of {context} tokens; "
             f"set max_seq_len to {context} or less"
         )
-    if hardware.get("nvidia_driver") and hardware.get("device") == "cpu":
+    if hardware and hardware.nvidia_driver and hardware.device == "cpu":
         warnings.append(
-            f"the training worker has an NVIDIA driver ({hardware['nvidia_driver']}) but torch "
-            f"{hardware.get('torch_version')} (CUDA {hardware.get('cuda_version')}) cannot use the GPU: "
+            f"the training worker has an NVIDIA driver ({hardware.nvidia_driver}) but torch "
+            f"{hardware.torch_version} (CUDA {hardware.cuda_version}) cannot use the GPU: "
             "update the driver or install a torch build for its CUDA version; until then training runs on the CPU"
         )
-    elif hardware and hardware.get("device") == "cpu":
+    elif hardware and hardware.device == "cpu":
         warnings.append("the training worker has no GPU: training runs on the CPU, which is fine for tiny models and slow for real ones")
-    if spec.method == Method.qlora and hardware.get("bitsandbytes_usable") is False:
+    if spec.method == Method.qlora and hardware and not hardware.bitsandbytes_usable:
         errors.append("method 'qlora' needs bitsandbytes, which does not load on the training worker; use method 'lora'")
 
     data_path, source = resolve_dataset_path(spec.dataset, db, store, roots=roots)
@@ -183,12 +183,13 @@ def preflight_report(
         max_seq_len = hp.max_seq_len or 1024
 
     shape = ModelShape.from_config(base.config, num_params)
-    device = hardware.get("device", "cpu")
-    precision = training_precision(device, hardware.get("bf16_supported"))
+    precision = hardware.precision if hardware else "float32"
     assumed = _assumed_memory_warning(hardware)
     if assumed:
         warnings.append(assumed)
-    memory, batch_values, batch_choices, memory_errors = _plan_memory(spec, shape, max_seq_len, hardware, precision, values)
+    memory, batch_values, batch_choices, memory_errors, estimates = _plan_memory(
+        spec, shape, max_seq_len, hardware, precision, values
+    )
     errors += memory_errors
     choices += batch_choices
     values.update(batch_values)
@@ -240,13 +241,12 @@ def preflight_report(
         valid_rows=validation.valid_rows,
         train_rows=n_train,
         eval_rows=n_eval,
-        micro_batch_size=resolved.micro_batch_size,
-        grad_accum=resolved.grad_accum,
-        max_seq_len=max_seq_len,
+        dataset_sha256=validation.sha256,
+        eval_dataset_sha256=eval_validation.sha256 if eval_validation else None,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         warmup_steps=round(resolved.warmup_ratio * total),
-        memory_estimate_bytes=memory.estimate_bytes,
+        memory_estimates=estimates,
         warnings=report.warnings,
         hyperparameters=resolved,
         precision=precision,
@@ -328,8 +328,6 @@ def _dataset_preflight(
     if eval_examples:
         long_rows += _long_rows(eval_examples, eval_rendered, tokenizer, max_seq_len, {}, eval_source)
     duplicates = count_duplicates([e.line for e in examples], [r.key for r in rendered])
-    edges = _histogram_edges(ordered[-1])
-    counts = [sum(1 for n in lengths if lo <= n < hi) for lo, hi in zip(edges, edges[1:])]
     samples = [
         RenderedSample(
             line=examples[i].line,
@@ -338,10 +336,7 @@ def _dataset_preflight(
         )
         for i, r in renders.items()
     ]
-    stats = TokenLengths(
-        min=ordered[0], p50=ordered[len(ordered) // 2], p95=ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
-        max=ordered[-1], mean=round(sum(ordered) / len(ordered), 1), histogram_edges=edges, histogram_counts=counts,
-    )
+    stats = TokenLengths.of(lengths)
     n_eval = len(split.eval)
     dataset = DatasetPreflight(
         validation=validation, samples=samples, token_lengths=stats, measured_rows=len(lengths),
@@ -384,14 +379,6 @@ def _long_rows(examples, rendered, tokenizer, max_seq_len, known, source) -> lis
             effect=f"{where}: {tokens}, cut to {max_seq_len}: {what}",
         ))
     return out
-
-
-def _histogram_edges(longest: int) -> list[int]:
-    edges, edge = [0], 32
-    while edges[-1] <= longest:
-        edges.append(edge)
-        edge *= 2
-    return edges
 
 
 def _truncation_message(dataset: DatasetPreflight, max_seq_len: int, refused: bool) -> str:
@@ -475,18 +462,14 @@ def _lines(lines: list[int], listed: int = 20) -> str:
     return shown + (f" and {len(lines) - listed:,} more" if len(lines) > listed else "")
 
 
-def _usable(hardware: dict):
-    return usable_memory(hardware.get("device"), hardware.get("gpu_memory_bytes"), hardware.get("memory_available_bytes"))
-
-
-def _available(hardware: dict) -> tuple[str, int]:
+def _available(hardware: HardwareInfo | None) -> tuple[str, int]:
     """Where training runs and the bytes it may plan for: the shared rule, or the stated assumption."""
-    usable = _usable(hardware)
+    usable = usable_memory(hardware)
     return usable.device, usable.bytes if usable.bytes is not None else int(ASSUMED_MEMORY_BYTES * USABLE_RAM)
 
 
-def _assumed_memory_warning(hardware: dict) -> str | None:
-    if _usable(hardware).bytes is not None:
+def _assumed_memory_warning(hardware: HardwareInfo | None) -> str | None:
+    if usable_memory(hardware).bytes is not None:
         return None
     device, available = _available(hardware)
     return (
@@ -495,7 +478,7 @@ def _assumed_memory_warning(hardware: dict) -> str | None:
     )
 
 
-def _plan_memory(spec: RunSpec, shape, max_seq_len: int, hardware: dict, precision: str, values: dict):
+def _plan_memory(spec: RunSpec, shape, max_seq_len: int, hardware: HardwareInfo | None, precision: str, values: dict):
     """Micro-batch, accumulation and checkpointing that fit; or errors that say what would."""
     hp = spec.hyperparameters
     device, available = _available(hardware)
@@ -527,7 +510,10 @@ def _plan_memory(spec: RunSpec, shape, max_seq_len: int, hardware: dict, precisi
                     device=device, estimate_bytes=est.total, available_bytes=available, fits=True,
                     adapter_bytes=est.lora_weights, lines=est.lines(),
                 )
-                return memory, {"micro_batch_size": mbs, "grad_accum": accum, "gradient_checkpointing": gc}, choices, []
+                # The out-of-memory back-off may pick any divisor of the micro-batch (TrainingPlan.with_micro_batch).
+                estimates = {d: estimate(spec.method.value, d, gc).total for d in range(1, mbs) if mbs % d == 0}
+                estimates[mbs] = est.total
+                return memory, {"micro_batch_size": mbs, "grad_accum": accum, "gradient_checkpointing": gc}, choices, [], estimates
 
     smallest = estimate(spec.method.value, micro[-1], checkpointing[-1])
     memory = MemoryPlan(
@@ -548,7 +534,7 @@ def _plan_memory(spec: RunSpec, shape, max_seq_len: int, hardware: dict, precisi
             fixes.append(f"lower max_seq_len to {seq}")
             break
     fixes.append("pick a smaller base model or a worker with more memory")
-    return memory, {}, [], [message + " To fit: " + "; or ".join(fixes) + "."]
+    return memory, {}, [], [message + " To fit: " + "; or ".join(fixes) + "."], {}
 
 
 def _matrix_llm_architectures() -> set[str]:
@@ -558,9 +544,9 @@ def _matrix_llm_architectures() -> set[str]:
     return {m.architecture for m in load_matrix().models if m.kind == "llm"}
 
 
-def _disk_check(memory: MemoryPlan | None, spec: RunSpec, hardware: dict, data_path: Path) -> str | None:
+def _disk_check(memory: MemoryPlan | None, spec: RunSpec, hardware: HardwareInfo | None, data_path: Path) -> str | None:
     """Checkpoints (adapter + two Adam moments, kept keep_checkpoints + 1 at a time) and the data snapshot must fit."""
-    free = hardware.get("disk_free_bytes")
+    free = hardware.disk_free_bytes if hardware else None
     if not free or memory is None:
         return None
     need = 3 * memory.adapter_bytes * (spec.keep_checkpoints + 2) + 3 * data_path.stat().st_size
@@ -573,12 +559,12 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
-def _seconds(num_params: int, tokens: float, hardware: dict) -> float:
+def _seconds(num_params: int, tokens: float, hardware: HardwareInfo | None) -> float:
     """Rough: 6 x params x tokens FLOPs at a typical utilisation of the device's peak."""
-    if hardware.get("device") == "cuda":
-        flops = 300e12 if hardware.get("bf16_supported") else 30e12
+    if hardware and hardware.device == "cuda":
+        flops = 300e12 if hardware.bf16_supported else 30e12
         utilisation = 0.35
     else:
-        flops = (hardware.get("cpu_count") or 2) * 30e9
+        flops = (hardware.cpu_count if hardware else 2) * 30e9
         utilisation = 0.3
     return 6 * num_params * tokens / (flops * utilisation)

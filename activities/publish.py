@@ -21,28 +21,35 @@ from activities.lineage import code_version, package_versions
 from schemas.activities import PublishInput, PublishResult
 from schemas.run_spec import canonical_json
 from store.artifacts import ArtifactCorrupt, ArtifactStore
-from store.db import ArtifactRow, Database
+from store.blocking import BlockingDatabase
+from store.checkpoints import checkpoint_losses
+from store.layout import (
+    ADAPTER_CARD,
+    ADAPTER_MANIFEST,
+    ADAPTER_WEIGHTS,
+    adapter_manifest_key,
+    adapter_prefix,
+    checkpoint_adapter_file,
+    checkpoint_file_key,
+)
+from store.tables import ArtifactRow
 
-MANIFEST_NAME = "lockn-manifest.json"
-CARD_NAME = "README.md"
 METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA"}
 
 
-def publish_adapter(inp: PublishInput, db: Database, store: ArtifactStore) -> PublishResult:
+def publish_adapter(inp: PublishInput, db: BlockingDatabase, store: ArtifactStore) -> PublishResult:
     """Copy the checkpoint's adapter files to runs/<id>/adapter, write the model card and the
     manifest (last), and record the artifact."""
     ckpt_manifest = json.loads(store.get_bytes(inp.checkpoint.manifest_key))
-    ckpt_prefix = inp.checkpoint.manifest_key.rsplit("/", 1)[0]
-    prefix = f"runs/{inp.run_id}/adapter"
+    step = inp.checkpoint.step
+    prefix = adapter_prefix(inp.run_id)
     files = {}
     for rel, info in ckpt_manifest["files"].items():
-        if not rel.startswith("adapter/"):
-            continue
-        name = rel.removeprefix("adapter/")
-        if name == CARD_NAME:
-            continue  # PEFT's empty template; the card below replaces it
+        name = checkpoint_adapter_file(rel)
+        if name is None or name == ADAPTER_CARD:
+            continue  # not the adapter's; or PEFT's empty card template, which the card below replaces
         try:
-            data = store.get_bytes(f"{ckpt_prefix}/{rel}")
+            data = store.get_bytes(checkpoint_file_key(inp.run_id, step, rel))
         except (FileNotFoundError, ArtifactCorrupt) as exc:
             raise user_error(f"checkpoint file {rel} cannot be published: {exc}; rerun the run") from None
         # Checked before the copy, so a corrupt file never lands in the published adapter.
@@ -50,17 +57,17 @@ def publish_adapter(inp: PublishInput, db: Database, store: ArtifactStore) -> Pu
             raise user_error(f"checkpoint file {rel} changed since it was committed (sha256 mismatch); rerun the run")
         sha = store.put_bytes(f"{prefix}/{name}", data)
         files[name] = {"sha256": sha, "size": len(data)}
-    if "adapter_model.safetensors" not in files:
+    if ADAPTER_WEIGHTS not in files:
         raise user_error(f"checkpoint {inp.checkpoint.manifest_key} holds no adapter weights")
 
-    step_losses = json.loads(store.get_bytes(f"{ckpt_prefix}/cursor.json"))["losses"]
+    step_losses = checkpoint_losses(store, inp.run_id, step)
     manifest = _manifest(inp, ckpt_manifest, step_losses, files)
     adapter_path = store.local_path(prefix)  # a directory on this machine only where the store is local
     card = model_card(manifest, str(adapter_path) if adapter_path else store.uri(prefix))
     card_bytes = card.encode()
-    files[CARD_NAME] = {"sha256": store.put_bytes(f"{prefix}/{CARD_NAME}", card_bytes), "size": len(card_bytes)}
+    files[ADAPTER_CARD] = {"sha256": store.put_bytes(f"{prefix}/{ADAPTER_CARD}", card_bytes), "size": len(card_bytes)}
     manifest["files"] = files
-    manifest_key = f"{prefix}/{MANIFEST_NAME}"
+    manifest_key = adapter_manifest_key(inp.run_id)
     manifest_sha = store.put_bytes(manifest_key, json.dumps(manifest, indent=2, sort_keys=True).encode())
     db.add_artifact(
         ArtifactRow(
@@ -69,7 +76,7 @@ def publish_adapter(inp: PublishInput, db: Database, store: ArtifactStore) -> Pu
             kind="adapter",
             uri=store.uri(prefix),
             path=str(adapter_path) if adapter_path else None,
-            sha256=files["adapter_model.safetensors"]["sha256"],
+            sha256=files[ADAPTER_WEIGHTS]["sha256"],
             size_bytes=sum(f["size"] for f in files.values()),
             manifest=json.loads(canonical_json(manifest)),
             created_at=manifest["created_at"],
@@ -117,8 +124,6 @@ def _manifest(inp: PublishInput, ckpt_manifest: dict, step_losses: list[float], 
         "method": plan.spec.method.value,
         "hyperparameters": {
             **hp.model_dump(mode="json"),
-            "micro_batch_size": plan.micro_batch_size,
-            "grad_accum": plan.grad_accum,
             "total_steps": plan.total_steps,
             "warmup_steps": plan.warmup_steps,
             "precision": plan.precision,
@@ -253,7 +258,7 @@ def model_card(manifest: dict, location: str) -> str:
         else f"model = PeftModel.from_pretrained(base, \"adapter\")  # the folder downloaded from {location}",
         "```",
         "",
-        f"Lineage (spec, packages, hardware, per-step losses, file sha256s) is in `{MANIFEST_NAME}` beside this card.",
+        f"Lineage (spec, packages, hardware, per-step losses, file sha256s) is in `{ADAPTER_MANIFEST}` beside this card.",
         "",
     ]
     return "\n".join(lines)

@@ -17,7 +17,9 @@ from activities.dataset_rows import read_dataset, split_rows
 from activities.errors import user_error
 from activities.preflight import resolve_dataset_path
 from schemas.activities import DatasetSnapshot, TokenStats, TrainingPlan
+from schemas.datasets import TokenLengths
 from store.artifacts import ArtifactStore
+from store.layout import dataset_key, snapshot_key
 
 
 def snapshot_dataset(plan: TrainingPlan, db, store: ArtifactStore, *, roots: Sequence[Path] = ()) -> DatasetSnapshot:
@@ -27,22 +29,24 @@ def snapshot_dataset(plan: TrainingPlan, db, store: ArtifactStore, *, roots: Seq
     spec = plan.spec
     path, source = resolve_dataset_path(spec.dataset, db, store, roots=roots)
     examples, report = read_dataset(path, max_bad_row_fraction=spec.max_bad_row_fraction, source_name=source)
+    _same_bytes("dataset", source, plan.dataset_sha256, report.sha256)
     if report.refused:
         raise user_error(report.message)
-    source_key = f"datasets/sha256/{report.sha256}.jsonl"
+    source_key = dataset_key(report.sha256)
     if not store.exists(source_key):
         store.put_file(source_key, path)
-    eval_examples, eval_report, eval_key = None, None, None
+    eval_examples, eval_report, eval_source_key = None, None, None
     if spec.eval_dataset:
         eval_path, eval_source = resolve_dataset_path(spec.eval_dataset, db, store, roots=roots, field="eval_dataset")
         eval_examples, eval_report = read_dataset(
             eval_path, max_bad_row_fraction=spec.max_bad_row_fraction, source_name=eval_source
         )
+        _same_bytes("eval_dataset", eval_source, plan.eval_dataset_sha256, eval_report.sha256)
         if eval_report.refused:
             raise user_error(f"eval_dataset: {eval_report.message}")
-        eval_key = f"datasets/sha256/{eval_report.sha256}.jsonl"
-        if not store.exists(eval_key):
-            store.put_file(eval_key, eval_path)
+        eval_source_key = dataset_key(eval_report.sha256)
+        if not store.exists(eval_source_key):
+            store.put_file(eval_source_key, eval_path)
 
     tokenizer = load_tokenizer(plan.base_model_path)
     rendered = [render_text(e, tokenizer) for e in examples]
@@ -79,32 +83,27 @@ def snapshot_dataset(plan: TrainingPlan, db, store: ArtifactStore, *, roots: Seq
             f"{plan.max_seq_len}; raise max_seq_len or shorten the prompts"
         )
 
-    prefix = f"runs/{plan.run_id}/data"
+    train_key, eval_key = snapshot_key(plan.run_id, "train"), snapshot_key(plan.run_id, "eval")
     with tempfile.TemporaryDirectory() as tmp:
         train_file, eval_file = Path(tmp) / "train.jsonl", Path(tmp) / "eval.jsonl"
         _write_jsonl(train_file, train_rows)
         _write_jsonl(eval_file, eval_rows)
-        train_sha = store.put_file(f"{prefix}/train.jsonl", train_file)
-        eval_sha = store.put_file(f"{prefix}/eval.jsonl", eval_file)
+        train_sha = store.put_file(train_key, train_file)
+        eval_sha = store.put_file(eval_key, eval_file)
 
-    ordered = sorted(lengths)
     stats = TokenStats(
-        min=ordered[0],
-        max=ordered[-1],
-        mean=round(sum(ordered) / len(ordered), 2),
-        p50=ordered[len(ordered) // 2],
-        p95=ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))],
+        **TokenLengths.of(lengths).model_dump(),
         truncated_rows=truncated,
-        truncated_share=round(truncated / len(ordered), 4),
+        truncated_share=round(truncated / len(lengths), 4),
         trained_tokens=trained_tokens,
         answer_lost_rows=answer_lost,
     )
     return DatasetSnapshot(
         sha256=report.sha256,
         source_uri=store.uri(source_key),
-        train_uri=f"{prefix}/train.jsonl",
+        train_uri=train_key,
         train_sha256=train_sha,
-        eval_uri=f"{prefix}/eval.jsonl",
+        eval_uri=eval_key,
         eval_sha256=eval_sha,
         shape=report.shape.value,
         total_rows=report.total_rows,
@@ -116,12 +115,23 @@ def snapshot_dataset(plan: TrainingPlan, db, store: ArtifactStore, *, roots: Seq
         distinct_rows=len({r.key for r in rendered}),
         eval_source=eval_report.source if eval_report else None,
         eval_source_sha256=eval_report.sha256 if eval_report else None,
-        eval_source_uri=store.uri(eval_key) if eval_key else None,
+        eval_source_uri=store.uri(eval_source_key) if eval_source_key else None,
         eval_excluded_rows=len(split.excluded),
         eval_in_train_rows=split.eval_in_train,
         eval_in_train_share=round(split.eval_in_train / len(eval_rows), 4) if eval_rows else 0.0,
         eval_prompt_in_train_rows=split.eval_prompt_in_train,
     )
+
+
+def _same_bytes(field: str, source: str, planned: str | None, found: str) -> None:
+    """The snapshot is of the rows the plan counted (its steps, split and memory), or nothing.
+    Plans made before they named their dataset (None) are not checked."""
+    if planned is not None and found != planned:
+        raise user_error(
+            f"{field} {source} changed after preflight planned the run (sha256 {planned[:12]}... then, "
+            f"{found[:12]}... now): the plan's steps and split were computed from other rows. Start the run "
+            "again, or upload the file and name it by its dataset id so it cannot change"
+        )
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

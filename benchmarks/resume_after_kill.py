@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.demo_setup import demo_inputs, loopback_settings  # noqa: E402
 from cli.api_client import ApiClient  # noqa: E402
-from store.db import Database  # noqa: E402
+from store.blocking import BlockingDatabase  # noqa: E402
 
 
 def wait(predicate, timeout=300, every=0.05):
@@ -41,7 +41,7 @@ def wait(predicate, timeout=300, every=0.05):
     raise SystemExit("timed out")
 
 
-def first_progress_after(db: Database, run_id: str, t: float, above: int):
+def first_progress_after(db: BlockingDatabase, run_id: str, t: float, above: int):
     for e in db.events(run_id):
         if e.kind == "progress" and e.ts > t and e.step and e.step > above:
             return e
@@ -73,7 +73,7 @@ def main() -> None:
         try:
             client = ApiClient(settings.api_url)
             client.wait_healthy(120)
-            db = Database(settings.db_url)
+            db = BlockingDatabase(settings.db_url)
             t_submit = time.time()
             run_id = client.create_run(spec.model_dump(mode="json"))["id"]
             first = wait(lambda: first_progress_after(db, run_id, 0, 0))

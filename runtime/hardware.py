@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from schemas.api_models import HardwareInfo
+from schemas.hardware import HardwareInfo
 
 MEMINFO = Path("/proc/meminfo")
 

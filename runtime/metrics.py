@@ -124,19 +124,32 @@ def serving(port: int | None, host: str, setting: str = "the metrics port settin
 # Training
 
 _runs_lock = threading.Lock()
+# Chunks training now in this process, by run: like the registry, one per process. A process
+# may host several GPU workers (one per GPU, or the tests' stacks), each training its own run.
+_training_now: dict[str, int] = {}
 
 
-def training_run(run_id: str) -> None:
-    """A chunk of run_id starts on this worker: keep per-run series for this run only.
+@contextlib.contextmanager
+def training(run_id: str) -> Iterator[None]:
+    """A chunk of run_id trains on this worker while the block runs.
 
-    A GPU worker trains one run at a time, so its loss and tokens/s series are those of the run
-    it trains now (or trained last); older runs' series go, and so does their cardinality.
+    On entry, the per-run series (loss, tokens/s) of runs that no chunk in this process trains
+    now go, and so does their cardinality; series of runs training on the process's other
+    workers stay. A finished run's series stay until the next chunk starts.
     """
     with _runs_lock:
+        _training_now[run_id] = _training_now.get(run_id, 0) + 1
         for gauge in (TRAIN_LOSS, TRAIN_TOKENS_PER_SECOND):
             for metric in gauge.collect():
-                for labels in {s.labels["run_id"] for s in metric.samples} - {run_id}:
+                for labels in {s.labels["run_id"] for s in metric.samples} - set(_training_now):
                     gauge.remove(labels)
+    try:
+        yield
+    finally:
+        with _runs_lock:
+            _training_now[run_id] -= 1
+            if _training_now[run_id] == 0:
+                del _training_now[run_id]
 
 
 def observe_step(run_id: str, loss: float, seconds: float, tokens: int) -> None:

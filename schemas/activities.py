@@ -9,8 +9,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from schemas.run_spec import Hyperparameters, ResolvedHyperparameters, RunSpec
-from schemas.run_state import RunState
+from schemas.datasets import TokenLengths
+from schemas.run_spec import ResolvedHyperparameters, RunSpec
+from schemas.run_state import RunState, RunStatus
 
 
 class RunInput(BaseModel):
@@ -40,11 +41,21 @@ class RecordEventInput(BaseModel):
     seq: int
     state: RunState
     message: str = ""
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict, description="The event's own facts (what changed).")
+    status: RunStatus | None = Field(
+        None, description="The run's whole status after the event: the run's row is written from it."
+    )
+    attach: dict[str, Any] = Field(
+        default_factory=dict, description="Large facts kept on the run's row only: plan, dataset_snapshot, metrics."
+    )
 
 
 class TrainingPlan(BaseModel):
-    """The resolved plan: everything training needs, decided before a GPU is touched."""
+    """The resolved plan: everything training needs, decided before a GPU is touched.
+
+    Each fact is held once: the batch shape and max_seq_len live in `hyperparameters`, and
+    the memory estimate is looked up for the current micro-batch. A change to the plan (the
+    out-of-memory back-off) is a pure function that returns a new plan (`with_micro_batch`)."""
 
     run_id: str
     spec: RunSpec
@@ -56,26 +67,64 @@ class TrainingPlan(BaseModel):
     num_parameters: int
     has_chat_template: bool
     dataset_shape: str
+    dataset_sha256: str | None = Field(
+        None, description="sha256 of the dataset file the plan was made from; the snapshot refuses any other bytes."
+    )
+    eval_dataset_sha256: str | None = Field(None, description="sha256 of the eval_dataset file, when the spec has one.")
     valid_rows: int
     train_rows: int
     eval_rows: int
-    micro_batch_size: int
-    grad_accum: int
-    max_seq_len: int
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
-    memory_estimate_bytes: int
-    warnings: list[str] = Field(default_factory=list)
-    hyperparameters: ResolvedHyperparameters | None = Field(
-        None, description="Every hyperparameter as resolved by preflight (None in plans made before presets)."
+    memory_estimates: dict[int, int] = Field(
+        default_factory=dict,
+        description="Estimated peak training bytes by micro-batch size: the planned one and every smaller one "
+        "the out-of-memory back-off may pick.",
     )
+    warnings: list[str] = Field(default_factory=list)
+    hyperparameters: ResolvedHyperparameters = Field(description="Every hyperparameter as resolved by preflight.")
     precision: str = Field("float32", description="Compute dtype: bfloat16 on GPUs that support it, else float32.")
 
     @property
-    def hp(self) -> Hyperparameters:
-        """The hyperparameters training uses."""
-        return self.hyperparameters or self.spec.hyperparameters
+    def hp(self) -> ResolvedHyperparameters:
+        """The hyperparameters training uses (short for `hyperparameters`)."""
+        return self.hyperparameters
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.hyperparameters.micro_batch_size
+
+    @property
+    def grad_accum(self) -> int:
+        return self.hyperparameters.grad_accum
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.hyperparameters.max_seq_len
+
+    @property
+    def memory_estimate_bytes(self) -> int | None:
+        """Estimated peak training memory at the current micro-batch; None when not estimated."""
+        return self.memory_estimates.get(self.micro_batch_size)
+
+    def smaller_micro_batch(self) -> int | None:
+        """The micro-batch the out-of-memory back-off tries next: the largest divisor of the
+        current one up to half of it, so the examples per step stay the same; None below 2."""
+        mbs = self.micro_batch_size
+        return next((d for d in range(mbs // 2, 0, -1) if mbs % d == 0), None)
+
+    def with_micro_batch(self, micro_batch_size: int) -> "TrainingPlan":
+        """The same plan at another micro-batch that divides the current one: accumulation
+        grows to keep the examples per step (so data order and schedule are unchanged), and
+        everything derived from the batch shape follows (the memory estimate is looked up)."""
+        mbs = self.micro_batch_size
+        if micro_batch_size < 1 or mbs % micro_batch_size:
+            raise ValueError(f"micro-batch {micro_batch_size} does not divide the planned {mbs}")
+        hp = self.hyperparameters.model_copy(
+            update={"micro_batch_size": micro_batch_size, "grad_accum": self.grad_accum * (mbs // micro_batch_size)}
+        )
+        return self.model_copy(update={"hyperparameters": hp})
 
 
 class SnapshotInput(BaseModel):
@@ -83,12 +132,9 @@ class SnapshotInput(BaseModel):
     plan: TrainingPlan
 
 
-class TokenStats(BaseModel):
-    min: int
-    max: int
-    mean: float
-    p50: int
-    p95: int
+class TokenStats(TokenLengths):
+    """Token lengths of the train split as the snapshot tokenized it, and what truncation did."""
+
     truncated_rows: int
     truncated_share: float
     trained_tokens: int = Field(description="Tokens that carry loss (assistant/completion) in the train split.")

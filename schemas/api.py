@@ -36,6 +36,11 @@ class RunView(BaseModel):
     baseline_eval_loss: float | None
     tuned_eval_loss: float | None
     error: str | None = Field(None, description="Why the run failed, and what to do.")
+    pause_requested: bool = Field(
+        False,
+        description="In the answers of pause and resume, as the workflow said: a pause was asked for and the run "
+        "pauses after its current step. Elsewhere false; a paused run's state is paused.",
+    )
     adapter_uri: str | None
     adapter_path: str | None
     manifest_uri: str | None

@@ -48,3 +48,35 @@ class DatasetReport(BaseModel):
     )
     refused: bool = Field(description="True when the dataset cannot be used as it is; message says why.")
     message: str = Field(description="One summary a person can act on; when refused, why and what to do.")
+
+
+class TokenLengths(BaseModel):
+    """Tokens per row of a set of rows: the one summary preflight (a sample of the dataset) and
+    the snapshot (the exact train split) both report."""
+
+    min: int
+    p50: int
+    p95: int
+    max: int
+    mean: float
+    histogram_edges: list[int] = Field(
+        default_factory=list, description="Bin edges in tokens; counts[i] is rows in [edges[i], edges[i+1])."
+    )
+    histogram_counts: list[int] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, lengths: list[int]) -> "TokenLengths":
+        """The summary of a non-empty list of row lengths, with a histogram in doubling bins from 32 tokens."""
+        ordered = sorted(lengths)
+        n = len(ordered)
+        edges, edge = [0], 32
+        while edges[-1] <= ordered[-1]:
+            edges.append(edge)
+            edge *= 2
+        counts = [0] * (len(edges) - 1)
+        for length in ordered:
+            counts[next(i for i in range(len(counts)) if length < edges[i + 1])] += 1
+        return cls(
+            min=ordered[0], p50=ordered[n // 2], p95=ordered[min(n - 1, int(0.95 * n))], max=ordered[-1],
+            mean=round(sum(ordered) / n, 2), histogram_edges=edges, histogram_counts=counts,
+        )

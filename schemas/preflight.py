@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from schemas.activities import TrainingPlan
-from schemas.datasets import DatasetReport
+from schemas.datasets import DatasetReport, TokenLengths
+from schemas.hardware import HardwareInfo
 from schemas.run_spec import RunSpec
 
 
@@ -23,16 +24,6 @@ class RenderedSample(BaseModel):
     line: int = Field(description="Line of the dataset file.")
     text: str = Field(description="Exactly what the model sees, after the chat template.")
     trained_text: str = Field(description="The part the model learns to produce (carries loss).")
-
-
-class TokenLengths(BaseModel):
-    min: int
-    p50: int
-    p95: int
-    max: int
-    mean: float
-    histogram_edges: list[int] = Field(description="Bin edges in tokens; counts[i] is rows in [edges[i], edges[i+1]).")
-    histogram_counts: list[int]
 
 
 class LongRow(BaseModel):
@@ -91,19 +82,40 @@ class MemoryPlan(BaseModel):
 
 
 class PreflightInput(BaseModel):
+    """Input of the preflight activities."""
+
     run_id: str
     spec: RunSpec
-    hardware: dict[str, Any] | None = Field(None, description="The training worker's hardware report.")
+    hardware: HardwareInfo | None = Field(None, description="The training worker's hardware report; None: unknown.")
+
+    @field_validator("hardware", mode="before")
+    @classmethod
+    def _empty_is_unknown(cls, v):
+        return v or None
+
+
+class DryRunInput(BaseModel):
+    """Input of the PreflightLLM workflow (the dry run): the spec, and the queues to ask."""
+
+    run_id: str
+    spec: RunSpec
+    cpu_task_queue: str = Field(description="Task queue of worker_cpu, which builds the report.")
+    gpu_task_queue: str = Field(description="Task queue of worker_gpu, whose hardware the report plans for.")
 
 
 class PreflightReport(BaseModel):
     ok: bool = Field(description="False when the run cannot start as specified; errors say what to change.")
     errors: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
-    hardware: dict[str, Any] = Field(default_factory=dict)
+    hardware: HardwareInfo | None = Field(None, description="The hardware the report planned for; None: unknown.")
     dataset: DatasetPreflight | None = None
     memory: MemoryPlan | None = None
     defaults: list[Explanation] = Field(default_factory=list, description="Every value preflight chose, with why.")
     estimated_steps: int | None = None
     estimated_seconds: float | None = Field(None, description="Rough training time on this hardware (6 x params x tokens FLOPs).")
     plan: TrainingPlan | None = None
+
+    @field_validator("hardware", mode="before")
+    @classmethod
+    def _empty_is_unknown(cls, v):
+        return v or None  # reports stored before hardware was typed say {} for unknown

@@ -26,7 +26,9 @@ class RunState(str, Enum):
 
 
 class RunStatus(BaseModel):
-    """What the `status` workflow query returns."""
+    """What the `status` workflow query returns, and what the run's row and search attributes
+    are written from. `step` and `loss` move once per committed chunk here; the row's also
+    move with the progress training reports inside a chunk."""
 
     run_id: str
     state: RunState = RunState.queued
@@ -36,5 +38,7 @@ class RunStatus(BaseModel):
     baseline_eval_loss: float | None = None
     tuned_eval_loss: float | None = None
     adapter_uri: str | None = None
+    adapter_path: str | None = Field(None, description="Local directory of the published adapter, when the store is local.")
+    manifest_uri: str | None = Field(None, description="The published adapter's lineage manifest.")
     pause_requested: bool = Field(False, description="A pause was asked for; the run pauses at the next step.")
     error: str | None = Field(None, description="Why the run failed, in words a person can act on.")

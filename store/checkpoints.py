@@ -18,14 +18,19 @@ import structlog
 from schemas.activities import CheckpointRef
 from schemas.run_spec import canonical_json
 from store.artifacts import ArtifactCorrupt, ArtifactStore, sha256_file
+from store.layout import (
+    CHECKPOINT_CURSOR_FILE,
+    checkpoint_dir_name,
+    checkpoint_file_key,
+    checkpoint_manifest_key,
+    checkpoint_prefix,
+    checkpoint_step,
+    checkpoints_prefix,
+)
 
 log = structlog.get_logger(__name__)
 
 FORMAT = "lockn-tune.checkpoint/1"
-
-
-def checkpoint_prefix(run_id: str, step: int) -> str:
-    return f"runs/{run_id}/checkpoints/{step:09d}"
 
 
 def commit_checkpoint(
@@ -33,12 +38,11 @@ def commit_checkpoint(
 ) -> CheckpointRef:
     """Upload every file under src, then the manifest. Idempotent for a step already committed.
     before_manifest runs between the two (the fault tests kill the worker there)."""
-    prefix = checkpoint_prefix(run_id, step)
-    manifest_key = f"{prefix}/manifest.json"
+    manifest_key = checkpoint_manifest_key(run_id, step)
     files = {}
     for path in sorted(p for p in Path(src).rglob("*") if p.is_file()):
         rel = path.relative_to(src).as_posix()
-        sha = store.put_file(f"{prefix}/{rel}", path)
+        sha = store.put_file(checkpoint_file_key(run_id, step, rel), path)
         files[rel] = {"sha256": sha, "size": path.stat().st_size}
     before_manifest()
     manifest = {
@@ -55,22 +59,18 @@ def commit_checkpoint(
 
 def committed_steps(store: ArtifactStore, run_id: str) -> list[int]:
     """Steps with a manifest, newest first."""
-    steps = []
-    for key in store.list(f"runs/{run_id}/checkpoints"):
-        parts = key.split("/")
-        if len(parts) == 5 and parts[-1] == "manifest.json" and parts[3].isdigit():
-            steps.append(int(parts[3]))
-    return sorted(set(steps), reverse=True)
+    steps = {checkpoint_step(key, run_id) for key in store.list(checkpoints_prefix(run_id))}
+    return sorted(steps - {None}, reverse=True)
 
 
 def fetch_checkpoint(store: ArtifactStore, run_id: str, step: int, dest: Path) -> tuple[CheckpointRef, dict] | None:
     """Download checkpoint `step` into dest and verify it; None when it is missing or corrupt."""
-    manifest_key = f"{checkpoint_prefix(run_id, step)}/manifest.json"
+    manifest_key = checkpoint_manifest_key(run_id, step)
     try:
         raw = store.get_bytes(manifest_key)
         manifest = json.loads(raw)
         for rel, info in manifest["files"].items():
-            path = store.get_file(f"{checkpoint_prefix(run_id, step)}/{rel}", Path(dest) / rel)
+            path = store.get_file(checkpoint_file_key(run_id, step, rel), Path(dest) / rel)
             if sha256_file(path) != info["sha256"]:
                 raise ValueError(f"{rel} does not match its sha256 in the manifest")
     except (OSError, ValueError, KeyError, ArtifactCorrupt) as exc:
@@ -83,11 +83,16 @@ def fetch_checkpoint(store: ArtifactStore, run_id: str, step: int, dest: Path) -
 def fetch_latest_checkpoint(store: ArtifactStore, run_id: str, dest: Path) -> tuple[CheckpointRef, dict, Path] | None:
     """The newest checkpoint that verifies, downloaded under dest/<step>; None when there is none."""
     for step in committed_steps(store, run_id):
-        target = Path(dest) / f"{step:09d}"
+        target = Path(dest) / checkpoint_dir_name(step)
         found = fetch_checkpoint(store, run_id, step, target)
         if found:
             return found[0], found[1], target
     return None
+
+
+def checkpoint_losses(store: ArtifactStore, run_id: str, step: int) -> list[float]:
+    """Every step's loss since step 1, as the checkpoint at `step` recorded them in its cursor."""
+    return json.loads(store.get_bytes(checkpoint_file_key(run_id, step, CHECKPOINT_CURSOR_FILE)))["losses"]
 
 
 def prune_checkpoints(store: ArtifactStore, run_id: str, keep_last: int) -> list[int]:
@@ -97,7 +102,7 @@ def prune_checkpoints(store: ArtifactStore, run_id: str, keep_last: int) -> list
     evals = {}
     for step in steps:
         try:
-            meta = json.loads(store.get_bytes(f"{checkpoint_prefix(run_id, step)}/manifest.json")).get("meta", {})
+            meta = json.loads(store.get_bytes(checkpoint_manifest_key(run_id, step))).get("meta", {})
         except (OSError, ValueError, ArtifactCorrupt):
             continue
         if meta.get("eval_loss") is not None:
@@ -108,8 +113,7 @@ def prune_checkpoints(store: ArtifactStore, run_id: str, keep_last: int) -> list
     deleted = []
     for step in steps:
         if step not in keep:
-            prefix = checkpoint_prefix(run_id, step)
-            store.delete_prefix(f"{prefix}/manifest.json")
-            store.delete_prefix(prefix)
+            store.delete_prefix(checkpoint_manifest_key(run_id, step))
+            store.delete_prefix(checkpoint_prefix(run_id, step))
             deleted.append(step)
     return deleted

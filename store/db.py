@@ -1,179 +1,39 @@
-"""The metadata DB: projects, runs, run events, datasets, artifacts, consents, publish targets.
+"""The metadata DB's queries: projects, runs and their events, datasets, artifacts, consents,
+publish targets.
 
-SQLModel tables over SQLAlchemy's asyncio engine: a SQLite file through aiosqlite in the
-embedded stack, PostgreSQL through asyncpg in production. The schema is owned by the
-Alembic migrations in `store/migrations`; `store.migrate.upgrade` brings a database of
-either kind up to date in place before anything uses it.
+`AsyncDatabase` runs them over SQLAlchemy's asyncio engine: a SQLite file through aiosqlite
+in the embedded stack, PostgreSQL through asyncpg in production. The API awaits it on its
+event loop; sync code (activities on worker threads, scripts) goes through
+`store.blocking.BlockingDatabase`, which runs the same queries on a loop of its own.
 
-Two front doors to the same queries:
-- `AsyncDatabase`, awaited by the API on its event loop;
-- `Database`, a blocking wrapper for the sync activities running on worker threads (and
-  for scripts): it runs the same coroutines on a private event loop thread, so the sync
-  code never owns an asyncpg connection.
-
-These tables are not contracts: the API maps them to `schemas` models before they leave.
+The tables are in store/tables.py; the schema is owned by the Alembic migrations in
+`store/migrations`, and `store.migrate.upgrade` brings a database up to date in place.
 """
 
 from __future__ import annotations
 
-import asyncio
-import secrets
-import threading
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, UniqueConstraint, func, text
+from sqlalchemy import func, or_, text
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, SQLModel, select
+from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from schemas.run_spec import RunSpec
 from schemas.run_state import RunState
 from store.engine import make_engine
-
-
-def now() -> float:
-    return time.time()
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(8)}"
-
-
-class ProjectRow(SQLModel, table=True):
-    __tablename__ = "projects"
-
-    id: str = Field(primary_key=True)  # the project's slug, as runs and tokens name it
-    display_name: str = ""
-    description: str = ""
-    created_by: str | None = None
-    created_at: float = Field(default_factory=now)
-
-
-class RunRow(SQLModel, table=True):
-    __tablename__ = "runs"
-    __table_args__ = (Index("uq_runs_project_idempotency_key", "project", "idempotency_key", unique=True),)
-
-    id: str = Field(primary_key=True)
-    project: str = Field(index=True)
-    name: str
-    kind: str
-    method: str
-    base_model: str
-    dataset: str
-    state: str = Field(default=RunState.queued.value, index=True)
-    spec: dict = Field(sa_column=Column(JSON, nullable=False))
-    spec_sha256: str
-    created_at: float = Field(default_factory=now, index=True)
-    updated_at: float = Field(default_factory=now)
-    step: int = 0
-    total_steps: int | None = None
-    loss: float | None = None
-    baseline_eval_loss: float | None = None
-    tuned_eval_loss: float | None = None
-    error: str | None = None
-    adapter_uri: str | None = None
-    adapter_path: str | None = None
-    manifest_uri: str | None = None
-    plan: dict | None = Field(default=None, sa_column=Column(JSON))
-    dataset_snapshot: dict | None = Field(default=None, sa_column=Column(JSON))
-    metrics: dict | None = Field(default=None, sa_column=Column(JSON))
-    created_by: str | None = None
-    # A client's Idempotency-Key: a retried submission finds the run it already made.
-    idempotency_key: str | None = None
-
-
-class RunEventRow(SQLModel, table=True):
-    __tablename__ = "run_events"
-    __table_args__ = (UniqueConstraint("run_id", "seq"),)
-
-    id: int | None = Field(default=None, primary_key=True)
-    run_id: str = Field(index=True)
-    # seq orders the workflow's own events and makes their recording idempotent;
-    # progress events from training have none.
-    seq: int | None = None
-    ts: float = Field(default_factory=now)
-    kind: str  # state | progress | info | warning | preflight
-    state: str | None = None
-    step: int | None = None
-    message: str = ""
-    data: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-
-
-class DatasetRow(SQLModel, table=True):
-    __tablename__ = "datasets"
-    # Content-addressed per project: the same bytes uploaded again are the same dataset.
-    __table_args__ = (Index("uq_datasets_project_sha256", "project", "sha256", unique=True),)
-
-    id: str = Field(primary_key=True)
-    project: str = Field(index=True)
-    name: str
-    sha256: str = Field(index=True)
-    size_bytes: int
-    shape: str | None
-    total_rows: int
-    valid_rows: int
-    bad_rows: int
-    store_key: str
-    report: dict = Field(sa_column=Column(JSON, nullable=False))
-    created_at: float = Field(default_factory=now)
-    created_by: str | None = None
-
-
-class DatasetAliasRow(SQLModel, table=True):
-    """The id of a duplicate upload merged into `dataset_id` (migration 0003): runs' specs
-    and users' notes that carry the old id still find the dataset."""
-
-    __tablename__ = "dataset_aliases"
-
-    id: str = Field(primary_key=True)
-    dataset_id: str = Field(index=True)
-
-
-class ArtifactRow(SQLModel, table=True):
-    __tablename__ = "artifacts"
-
-    id: str = Field(primary_key=True)
-    run_id: str = Field(index=True)
-    kind: str  # adapter | manifest
-    uri: str
-    path: str | None = None
-    sha256: str
-    size_bytes: int
-    manifest: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    created_at: float = Field(default_factory=now)
-
-
-class ConsentRow(SQLModel, table=True):
-    """A speaker's recorded consent to have their voice cloned in a project."""
-
-    __tablename__ = "consents"
-
-    id: str = Field(primary_key=True)
-    project: str = Field(index=True)
-    speaker: str
-    statement: str  # what the speaker agreed to, in their words or the form's
-    evidence_sha256: str | None = None  # e.g. the recording of the speaker reading the statement
-    recorded_by: str | None = None
-    created_at: float = Field(default_factory=now)
-    revoked_at: float | None = None
-    revoked_by: str | None = None
-
-
-class PublishTargetRow(SQLModel, table=True):
-    """Where a project's finished adapters may be published (Ollama, an S3 bucket, a registry)."""
-
-    __tablename__ = "publish_targets"
-    __table_args__ = (UniqueConstraint("project", "name", name="uq_publish_targets_project_name"),)
-
-    id: str = Field(primary_key=True)
-    project: str = Field(index=True)
-    name: str
-    kind: str
-    config: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    created_by: str | None = None
-    created_at: float = Field(default_factory=now)
+from store.tables import (
+    ArtifactRow,
+    ConsentRow,
+    DatasetAliasRow,
+    DatasetRow,
+    ProjectRow,
+    PublishTargetRow,
+    RunEventRow,
+    RunRow,
+    now,
+)
 
 
 class AsyncDatabase:
@@ -310,41 +170,79 @@ class AsyncDatabase:
         async with self.session() as s:
             return {state: n for state, n in (await s.exec(q)).all()}
 
+    # run events
+
     async def record_state(
-        self, run_id: str, seq: int, state: RunState, message: str, data: dict, **fields: Any
+        self,
+        run_id: str,
+        seq: int | None,
+        state: RunState,
+        message: str,
+        data: dict,
+        *,
+        key: str | None = None,
+        **fields: Any,
     ) -> bool:
-        """Record a workflow state transition once; a retried call with the same seq is a no-op."""
+        """Record a workflow state transition once: a retried call with the same seq or key is
+        a no-op returning False. A writer outside the workflow (the API recording a start that
+        failed) gives a key and no seq, so it never takes one of the workflow's numbers."""
+        if seq is None and key is None:
+            raise ValueError("record_state needs a seq or a key, or a retried call would record the state twice")
+
+        def update(row: RunRow) -> None:
+            row.state = state.value
+            for k, v in fields.items():
+                setattr(row, k, v)
+
+        event = RunEventRow(run_id=run_id, seq=seq, key=key, kind="state", state=state.value, message=message, data=data)
+        return await self._add_event_once(event, update)
+
+    async def record_progress(
+        self, run_id: str, step: int, total_steps: int, loss: float | None, data: dict, *, key: str | None = None
+    ) -> bool:
+        """Record a training progress event and copy step, total_steps and loss onto the run;
+        with a key the run already has an event under, change nothing and return False."""
+
+        def update(row: RunRow) -> None:
+            row.step, row.total_steps, row.loss = step, total_steps, loss
+
+        event = RunEventRow(run_id=run_id, key=key, kind="progress", step=step, message="", data=data)
+        return await self._add_event_once(event, update)
+
+    async def add_event(
+        self, run_id: str, kind: str, message: str, data: dict | None = None, *, key: str | None = None
+    ) -> bool:
+        """Record an event; with a key the run already has an event under, a no-op returning False."""
+        return await self._add_event_once(RunEventRow(run_id=run_id, key=key, kind=kind, message=message, data=data or {}))
+
+    async def _add_event_once(self, event: RunEventRow, update: Callable[[RunRow], None] | None = None) -> bool:
+        """Insert `event` and apply `update` to its run (stamping updated_at) in one transaction,
+        unless the run already has an event with the event's seq or key: then change nothing
+        and return False. A concurrent writer of the same seq or key loses on the unique index."""
+        same = []
+        if event.seq is not None:
+            same.append(RunEventRow.seq == event.seq)
+        if event.key is not None:
+            same.append(RunEventRow.key == event.key)
         async with self.session() as s:
-            seen = (await s.exec(select(RunEventRow).where(RunEventRow.run_id == run_id, RunEventRow.seq == seq))).first()
-            if seen is not None:
-                return False
-            s.add(RunEventRow(run_id=run_id, seq=seq, kind="state", state=state.value, message=message, data=data))
-            row = await s.get(RunRow, run_id)
-            if row is not None:
-                row.state = state.value
+            if same:
+                seen = (await s.exec(select(RunEventRow.id).where(RunEventRow.run_id == event.run_id, or_(*same)))).first()
+                if seen is not None:
+                    return False
+            # Read the run before adding the event: a read flushes pending rows, and a
+            # concurrent writer's unique violation must surface at the commit below.
+            if update is not None and (row := await s.get(RunRow, event.run_id)) is not None:
                 row.updated_at = now()
-                for k, v in fields.items():
-                    setattr(row, k, v)
+                update(row)
                 s.add(row)
+            s.add(event)
             try:
                 await s.commit()
-            except IntegrityError:  # the same seq recorded concurrently by a retried activity
+            except IntegrityError:  # the same seq or key written concurrently by a retried activity
+                if not same:
+                    raise
                 return False
             return True
-
-    async def record_progress(self, run_id: str, step: int, total_steps: int, loss: float | None, data: dict) -> None:
-        async with self.session() as s:
-            s.add(RunEventRow(run_id=run_id, kind="progress", step=step, message="", data=data))
-            row = await s.get(RunRow, run_id)
-            if row is not None:
-                row.step, row.total_steps, row.loss, row.updated_at = step, total_steps, loss, now()
-                s.add(row)
-            await s.commit()
-
-    async def add_event(self, run_id: str, kind: str, message: str, data: dict | None = None) -> None:
-        async with self.session() as s:
-            s.add(RunEventRow(run_id=run_id, kind=kind, message=message, data=data or {}))
-            await s.commit()
 
     async def events(self, run_id: str, after_id: int = 0, limit: int = 1000, kind: str | None = None) -> list[RunEventRow]:
         q = (
@@ -512,50 +410,3 @@ class AsyncDatabase:
             await s.delete(row)
             await s.commit()
             return True
-
-
-class Database:
-    """Blocking access for sync code (activities on worker threads, scripts, tests).
-
-    Every `AsyncDatabase` query is available under the same name; each call runs on this
-    object's own event loop thread and waits for the answer. Opening one migrates the
-    database to the newest schema first, unless told not to.
-    """
-
-    def __init__(self, url: str, migrate: bool = True):
-        if migrate:
-            from store.migrate import upgrade
-
-            upgrade(url)
-        self.url = url
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="lockn-tune-db", daemon=True)
-        self._thread.start()
-        self.aio = self._run(_make_async(url))
-
-    def _run(self, coro: Awaitable):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = getattr(AsyncDatabase, name, None)
-        if method is None or not asyncio.iscoroutinefunction(method):
-            raise AttributeError(name)
-        bound = getattr(self.aio, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return self._run(bound(*args, **kwargs))
-
-        call.__doc__ = method.__doc__
-        return call
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._run(self.aio.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-
-
-async def _make_async(url: str) -> AsyncDatabase:
-    return AsyncDatabase(url)

@@ -1,7 +1,7 @@
 """The database engine for a URL as users write it: aiosqlite for SQLite, asyncpg for PostgreSQL.
 
-Apart from the tables (store/db.py) so the migrations (store/migrate.py) can open an engine
-without importing the module that runs them.
+Apart from the queries (store/db.py) so the migrations (store/migrate.py) can open an engine
+without importing the module that runs them (store/blocking.py).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from schemas import search_attributes as sa  # noqa: E402
 from schemas.run_spec import RunSpec  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from store.artifacts import ArtifactStore  # noqa: E402
-from store.db import Database  # noqa: E402
+from store.blocking import BlockingDatabase  # noqa: E402
 from store.open_store import open_store  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def stack_settings(home: Path) -> Settings:
 
 
 @asynccontextmanager
-async def running_workers(client: Client, settings: Settings, db: Database):
+async def running_workers(client: Client, settings: Settings, db: BlockingDatabase):
     """worker_cpu and worker_gpu for the settings' queues, in this process."""
     from worker_cpu.main import build_worker as cpu_worker
     from worker_gpu.main import build_worker as gpu_worker
@@ -177,13 +177,13 @@ def small_spec(model: Path, dataset: Path | str, **overrides) -> RunSpec:
 class Stack:
     client: Client
     settings: Settings
-    db: Database
+    db: BlockingDatabase
     store: ArtifactStore
 
 
 @asynccontextmanager
 async def in_process_stack(client: Client, settings: Settings):
-    db = Database(settings.db_url)
+    db = BlockingDatabase(settings.db_url)
     try:
         async with running_workers(client, settings, db):
             yield Stack(client, settings, db, open_store(settings))

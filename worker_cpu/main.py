@@ -28,7 +28,7 @@ from runtime.logs import configure_logging
 from runtime.telemetry import configure_tracing
 from runtime.temporal import ActivityTelemetry, connect, sdk_runtime, workflow_runner
 from schemas.settings import Settings
-from store.db import Database
+from store.blocking import BlockingDatabase
 from store.open_store import open_store
 from workflows.preflight import InspectHardware, PreflightLLM
 from workflows.publish_checkpoint import PublishCheckpoint
@@ -38,7 +38,7 @@ log = structlog.get_logger(__name__)
 
 
 def build_worker(
-    client: Client, settings: Settings, executor: ThreadPoolExecutor, db: Database, task_queue: str | None = None
+    client: Client, settings: Settings, executor: ThreadPoolExecutor, db: BlockingDatabase, task_queue: str | None = None
 ) -> Worker:
     """The worker for settings' queue; its activities write to db (the caller closes it)."""
     activities = CpuActivities(settings, db, open_store(settings))
@@ -64,7 +64,7 @@ async def running(settings: Settings, tracer_provider: TracerProvider | None = N
     with (
         metrics.serving(settings.worker_cpu_metrics_port, settings.api_host, "LOCKN_TUNE_WORKER_CPU_METRICS_PORT"),
         ThreadPoolExecutor(max_workers=8, thread_name_prefix="cpu-activity") as executor,
-        closing(Database(settings.db_url)) as db,
+        closing(BlockingDatabase(settings.db_url)) as db,
     ):
         async with build_worker(client, settings, executor, db) as worker:
             yield worker

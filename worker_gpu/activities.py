@@ -7,7 +7,6 @@ worker wrote it; heartbeat details only report progress.
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -23,12 +22,19 @@ from activities.heartbeat import Heartbeater
 from activities.lineage import hardware
 from runtime import metrics
 from schemas.activities import ChunkInput, ChunkResult, EvalResult, EvalSample, EvaluateInput
-from schemas.api_models import HardwareInfo
+from schemas.hardware import HardwareInfo
 from schemas.errors import OUT_OF_MEMORY, WORKER_SHUTDOWN
 from schemas.settings import Settings
 from store.artifacts import ArtifactCorrupt, ArtifactStore, sha256_file
-from store.checkpoints import commit_checkpoint, fetch_checkpoint, fetch_latest_checkpoint, prune_checkpoints
-from store.db import Database
+from store.blocking import BlockingDatabase
+from store.checkpoints import (
+    checkpoint_losses,
+    commit_checkpoint,
+    fetch_checkpoint,
+    fetch_latest_checkpoint,
+    prune_checkpoints,
+)
+from store.layout import CHECKPOINT_ADAPTER_DIR
 
 SAMPLES = 3
 
@@ -36,7 +42,7 @@ log = structlog.get_logger(__name__)
 
 
 class GpuActivities:
-    def __init__(self, settings: Settings, db: Database, store: ArtifactStore):
+    def __init__(self, settings: Settings, db: BlockingDatabase, store: ArtifactStore):
         self.settings, self.db, self.store = settings, db, store
         (settings.home / "tmp").mkdir(parents=True, exist_ok=True)
 
@@ -60,47 +66,55 @@ class GpuActivities:
     def train_chunk(self, inp: ChunkInput) -> ChunkResult:
         """Train to inp.until_step from the newest committed checkpoint (or from scratch),
         then commit a checkpoint. Pause, cancel or worker shutdown finish the current step,
-        checkpoint and return early, with the step reached."""
-        import torch
+        checkpoint and return early, with the step reached.
 
+        The recipe runs the chunk (LoraRecipe.run_chunk); this wires it to the artifact store
+        (fetch, commit, prune), heartbeats, metrics and progress. A retry after the commit finds
+        the checkpoint covering until_step and returns it; progress and events carry keys (step,
+        checkpoint, attempt), so the DB records each once however often it is retried."""
         from worker_gpu import faults
         from worker_gpu.model_loading import pick_device
-        from worker_gpu.recipe_lora import CURSOR_FILE, LoraRecipe, eval_loss
+        from worker_gpu.recipe_lora import LoraRecipe, StepOutOfMemory
 
         started = time.monotonic()
         state = {"step": 0, "loss": None, "checkpoint": None}
-        metrics.training_run(inp.run_id)
-        with self._workdir() as tmp:
+
+        def heartbeats() -> Heartbeater:
+            return Heartbeater(self.settings.heartbeat_every_s, lambda: dict(state))
+
+        with self._workdir() as tmp, metrics.training(inp.run_id):
             tmp = Path(tmp)
-            with Heartbeater(self.settings.heartbeat_every_s, lambda: dict(state)):
+            with heartbeats():
                 found = fetch_latest_checkpoint(self.store, inp.run_id, tmp / "in")
                 if found:
-                    ref, manifest, ckpt_dir = found
+                    ref, _, ckpt_dir = found
                     state.update(step=ref.step, checkpoint=ref.manifest_key)
                     if ref.step >= inp.until_step:  # a retry after the commit: nothing left to do
-                        losses = json.loads((ckpt_dir / CURSOR_FILE).read_text())["losses"][inp.from_step :]
+                        losses = checkpoint_losses(self.store, inp.run_id, ref.step)[inp.from_step :]
                         return ChunkResult(
                             checkpoint=ref, step=ref.step, loss=_mean(losses), step_losses=losses,
                             resumed_from_step=ref.step, seconds=time.monotonic() - started,
                         )
                 rows = self._fetch_rows(inp.snapshot.train_uri, inp.snapshot.train_sha256, tmp / "train.jsonl")
                 faults.kill_point(self.settings, "model_load")
-                recipe = LoraRecipe(inp.plan, rows, pick_device(), oom_above=faults.oom_limit(self.settings))
+                recipe = LoraRecipe(inp.plan, rows, pick_device())
                 metrics.reset_gpu_peak(recipe.device)  # the peak gauge is this chunk's
-                recipe.setup(ckpt_dir if found else None)
-            resumed_from = recipe.step
             attempt = activity.info().attempt
-            # Every chunk but the first starts from a checkpoint: that is the plan, not news. Say so
-            # only when this chunk picks up after an interruption (a retry, or a checkpoint the
-            # workflow had not heard of).
-            if attempt > 1 or resumed_from > inp.from_step:
-                tries = f" (attempt {attempt})" if attempt > 1 else ""
-                self.db.add_event(
-                    inp.run_id, "info",
-                    f"resumed from checkpoint at step {resumed_from} after an interruption{tries}"
-                    if resumed_from else f"restarted from step 0 after an interruption{tries}",
-                )
-            log.info("chunk.training", from_step=resumed_from, until_step=inp.until_step, device=str(recipe.device))
+
+            def resumed(step: int) -> None:
+                # Every chunk but the first starts from a checkpoint: that is the plan, not news. Say
+                # so only when this chunk picks up after an interruption (a retry, or a checkpoint
+                # the workflow had not heard of).
+                if attempt > 1 or step > inp.from_step:
+                    tries = f" (attempt {attempt})" if attempt > 1 else ""
+                    self.db.add_event(
+                        inp.run_id, "info",
+                        f"resumed from checkpoint at step {step} after an interruption{tries}"
+                        if step else f"restarted from step 0 after an interruption{tries}",
+                        key=f"resumed:{step}:{attempt}",
+                    )
+                log.info("chunk.training", from_step=step, until_step=inp.until_step, device=str(recipe.device))
+
             last_report = 0.0
 
             def after_step(step: int, loss: float) -> bool:
@@ -117,59 +131,56 @@ class GpuActivities:
                     self.db.record_progress(
                         inp.run_id, step, inp.plan.total_steps, loss,
                         {"loss": loss, "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None},
+                        key=f"progress:{step}",
                     )
                 return activity.is_cancelled() or activity.is_worker_shutdown()
 
+            def eval_rows() -> list[dict]:
+                return self._fetch_rows(inp.snapshot.eval_uri, inp.snapshot.eval_sha256, tmp / "eval.jsonl")
+
             # Cancellation is seen by after_step; the step in flight and the checkpoint finish first.
             try:
-                recipe.train(inp.until_step, after_step)
-            except (torch.OutOfMemoryError, RuntimeError) as exc:
-                if not _is_oom(exc):
-                    raise
-                recipe.cleanup()
+                chunk = recipe.run_chunk(
+                    ckpt_dir if found else None, inp.from_step, inp.until_step, tmp / "out",
+                    eval_rows=eval_rows,
+                    loading=heartbeats(),
+                    started=resumed,
+                    before_step=faults.injected_oom(self.settings, inp.plan.micro_batch_size),
+                    after_step=after_step,
+                )
+            except StepOutOfMemory as exc:
                 # Not retried as is: the workflow retries with a smaller micro-batch.
                 raise ApplicationError(
-                    f"out of memory at micro-batch {inp.plan.micro_batch_size} "
-                    f"(max_seq_len {inp.plan.max_seq_len}): {exc}",
-                    {"micro_batch_size": inp.plan.micro_batch_size},
-                    type=OUT_OF_MEMORY,
-                    non_retryable=True,
+                    str(exc), {"micro_batch_size": inp.plan.micro_batch_size}, type=OUT_OF_MEMORY, non_retryable=True
                 ) from None
-            checkpoint_started = time.monotonic()
-            recipe.save_checkpoint(tmp / "out")
-            checkpoint_seconds = time.monotonic() - checkpoint_started
-            eval_loss_now = None
-            if inp.plan.spec.eval_at_checkpoints:
-                eval_rows = self._fetch_rows(inp.snapshot.eval_uri, inp.snapshot.eval_sha256, tmp / "eval.jsonl")
-                eval_loss_now, _ = eval_loss(recipe.model, eval_rows, inp.plan.micro_batch_size, recipe.device, recipe.dtype)
             commit_started = time.monotonic()
             ref = commit_checkpoint(
-                self.store, inp.run_id, recipe.step, tmp / "out",
-                meta={"hardware": hardware(), "resumed_from_step": resumed_from, "eval_loss": eval_loss_now},
+                self.store, inp.run_id, chunk.step, chunk.staging_dir,
+                meta={"hardware": hardware(), "resumed_from_step": chunk.resumed_from, "eval_loss": chunk.eval_loss},
                 before_manifest=lambda: faults.kill_point(self.settings, "checkpoint_write"),
             )
             # Writing plus committing; the eval in between is not checkpoint time.
-            checkpoint_seconds += time.monotonic() - commit_started
+            checkpoint_seconds = chunk.save_seconds + time.monotonic() - commit_started
             metrics.CHECKPOINT_COMMIT.observe(checkpoint_seconds)
             metrics.observe_gpu_memory(recipe.device)
+            # The run's step is now the checkpoint's, also when the chunk stopped early.
+            last_loss = recipe.losses[-1] if recipe.losses else None
             log.info(
                 "checkpoint.committed", step=ref.step, seconds=round(checkpoint_seconds, 3),
-                loss=recipe.losses[-1] if recipe.losses else None, eval_loss=eval_loss_now,
+                loss=last_loss, eval_loss=chunk.eval_loss,
             )
             state.update(checkpoint=ref.manifest_key)
             activity.heartbeat(dict(state))
-            losses = recipe.losses[inp.from_step :]
-            # The run's step is now the checkpoint's, also when the chunk stopped early.
-            last_loss = recipe.losses[-1] if recipe.losses else None
             self.db.record_progress(
                 inp.run_id, ref.step, inp.plan.total_steps, last_loss,
-                {"loss": last_loss, "checkpoint": ref.step, "eval_loss": eval_loss_now},
+                {"loss": last_loss, "checkpoint": ref.step, "eval_loss": chunk.eval_loss},
+                key=f"checkpoint:{ref.step}",
             )
             prune_checkpoints(self.store, inp.run_id, inp.plan.spec.keep_checkpoints)
             recipe.cleanup()
         return ChunkResult(
-            checkpoint=ref, step=ref.step, loss=_mean(losses), step_losses=losses,
-            resumed_from_step=resumed_from, seconds=time.monotonic() - started,
+            checkpoint=ref, step=ref.step, loss=_mean(chunk.losses), step_losses=chunk.losses,
+            resumed_from_step=chunk.resumed_from, seconds=time.monotonic() - started,
         )
 
     @activity.defn(name="evaluate")
@@ -182,7 +193,7 @@ class GpuActivities:
         batches and between generated tokens (within one heartbeat interval)."""
         from worker_gpu import faults
         from worker_gpu.model_loading import attach_adapter, load_base_model, pick_device, plan_dtype
-        from worker_gpu.recipe_lora import ADAPTER_DIR, eval_loss
+        from worker_gpu.recipe_lora import eval_loss
         from worker_gpu.samples import clip_start, generate_sample
 
         delay = faults.eval_delay(self.settings)
@@ -205,7 +216,7 @@ class GpuActivities:
                 if found is None:
                     raise RuntimeError(f"checkpoint at step {inp.checkpoint.step} is missing or corrupt")
                 # Loading the saved PEFT adapter here is also the check that the export loads.
-                model = attach_adapter(model, inp.plan, tmp / "ckpt" / ADAPTER_DIR, trainable=False)
+                model = attach_adapter(model, inp.plan, tmp / "ckpt" / CHECKPOINT_ADAPTER_DIR, trainable=False)
             loss, tokens = eval_loss(model, rows, inp.plan.micro_batch_size, device, plan_dtype(inp.plan, device), between_batches=between)
             tokenizer = load_tokenizer(inp.plan.base_model_path)
             samples = []
@@ -239,14 +250,6 @@ def _stop_if_asked(what: str) -> None:
     if activity.is_worker_shutdown():
         # Retryable on purpose: another GPU worker (or this one, restarted) runs it again.
         raise ApplicationError(f"worker_gpu is shutting down; the {what} is retried on a GPU worker", type=WORKER_SHUTDOWN)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    """CUDA raises OutOfMemoryError; the CPU allocator raises a RuntimeError saying so."""
-    import torch
-
-    text = str(exc).lower()
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "not enough memory" in text
 
 
 def _mean(xs: list[float]) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from schemas.settings import Settings
@@ -52,10 +53,19 @@ def kill_point(settings: Settings, point: str, step: int | None = None) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def oom_limit(settings: Settings) -> int | None:
-    """Largest micro-batch that 'fits' under the oom_above fault, or None."""
+def injected_oom(settings: Settings, micro_batch_size: int) -> Callable[[], None] | None:
+    """The recipe's before_step hook under the oom_above=N fault: every step of a micro-batch
+    above N raises torch's out-of-memory error. None when the fault is off or the batch fits."""
     value = _faults(settings).get("oom_above")
-    return int(value) if value else None
+    if not value or micro_batch_size <= int(value):
+        return None
+
+    def out_of_memory() -> None:
+        import torch
+
+        raise torch.OutOfMemoryError(f"injected: micro-batch {micro_batch_size} does not fit (oom_above={value})")
+
+    return out_of_memory
 
 
 def eval_delay(settings: Settings) -> float:

@@ -31,7 +31,7 @@ from runtime.logs import configure_logging
 from runtime.telemetry import configure_tracing
 from runtime.temporal import ActivityTelemetry, connect, sdk_runtime
 from schemas.settings import Settings, hardware_task_queue_for
-from store.db import Database
+from store.blocking import BlockingDatabase
 from store.open_store import open_store
 
 log = structlog.get_logger(__name__)
@@ -69,7 +69,7 @@ HARDWARE_SLOTS = 2  # inspect_hardware is quick; two answer at once while the GP
 
 
 def build_worker(
-    client: Client, settings: Settings, executor: ThreadPoolExecutor, db: Database, task_queue: str | None = None
+    client: Client, settings: Settings, executor: ThreadPoolExecutor, db: BlockingDatabase, task_queue: str | None = None
 ) -> GpuWorker:
     """The workers for settings' queues (GPU and hardware); activities write to db (the caller
     closes it). executor runs the GPU activities; the hardware worker brings its own threads."""
@@ -117,7 +117,7 @@ async def running(settings: Settings, tracer_provider: TracerProvider | None = N
     with (
         metrics.serving(settings.worker_gpu_metrics_port, settings.api_host, "LOCKN_TUNE_WORKER_GPU_METRICS_PORT"),
         ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpu-activity") as executor,
-        closing(Database(settings.db_url)) as db,
+        closing(BlockingDatabase(settings.db_url)) as db,
     ):
         async with build_worker(client, settings, executor, db) as worker:
             yield worker

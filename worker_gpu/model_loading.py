@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from schemas.activities import TrainingPlan
-from schemas.api_models import training_precision
+from schemas.hardware import training_precision
 from schemas.run_spec import Method
 
 
@@ -52,7 +52,7 @@ def load_base_model(plan: TrainingPlan, device: torch.device):
             llm_int8_skip_modules=["lm_head"],
         )
     model = AutoModelForCausalLM.from_pretrained(plan.base_model_path, local_files_only=True, **kwargs)
-    checkpointing = bool(getattr(plan.hp, "gradient_checkpointing", False))
+    checkpointing = plan.hp.gradient_checkpointing
     if plan.spec.method == Method.qlora:
         from peft import prepare_model_for_kbit_training
 

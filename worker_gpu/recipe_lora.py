@@ -1,9 +1,11 @@
 """LoRA / QLoRA training recipe for causal LMs: setup -> train -> save_checkpoint.
 
-A chunk of training is: build the recipe from the newest checkpoint (or fresh), train up
-to a step, save a checkpoint. Everything that decides the next step is in the checkpoint
-(adapter, optimizer, scheduler, RNG states, data cursor), so a chunk resumed after a
-crash continues exactly where the committed checkpoint left off.
+A chunk of training (`LoraRecipe.run_chunk`) is: set up from a checkpoint directory (or
+fresh), train up to a step, save a checkpoint into a staging directory, and evaluate it when
+the plan asks. Everything that decides the next step is in the checkpoint (adapter,
+optimizer, scheduler, RNG states, data cursor), so a chunk resumed after a crash continues
+exactly where the committed checkpoint left off. The recipe knows no artifact store, DB or
+Temporal: the caller fetches and commits checkpoints and reports through the hooks.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +25,8 @@ import torch.nn.functional as F
 
 from activities.dataset_render import IGNORE
 from schemas.activities import TrainingPlan
+from store.layout import CHECKPOINT_ADAPTER_DIR, CHECKPOINT_CURSOR_FILE, CHECKPOINT_STATE_FILE
 from worker_gpu.model_loading import attach_adapter, load_base_model, plan_dtype
-
-STATE_FILE = "trainer_state.pt"
-CURSOR_FILE = "cursor.json"
-ADAPTER_DIR = "adapter"
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -61,10 +62,26 @@ def summed_loss(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> to
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
 
 
+class StepOutOfMemory(RuntimeError):
+    """A training step did not fit in memory at the plan's micro-batch (a smaller one may)."""
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """What a chunk did; its checkpoint is saved in staging_dir, not yet committed."""
+
+    step: int  # the step reached (until_step, or earlier when the chunk was stopped)
+    resumed_from: int  # the step of the checkpoint it set up from (0 when fresh)
+    losses: list[float]  # the loss of every step after from_step, up to step
+    eval_loss: float | None  # at the checkpoint, when the plan evaluates at checkpoints
+    staging_dir: Path
+    save_seconds: float  # writing the checkpoint into staging_dir
+
+
 class LoraRecipe:
     """One readable training recipe for LoRA and QLoRA (the plan says which)."""
 
-    def __init__(self, plan: TrainingPlan, train_rows: list[dict], device: torch.device, oom_above: int | None = None):
+    def __init__(self, plan: TrainingPlan, train_rows: list[dict], device: torch.device):
         self.plan = plan
         self.hp = plan.hp
         self.rows = train_rows
@@ -77,7 +94,6 @@ class LoraRecipe:
         self.last_step_seconds = 0.0  # for step-time and tokens/s metrics
         self.last_step_tokens = 0
         self._orders: dict[int, list[int]] = {}
-        self._oom_above = oom_above  # fault injection (tests): micro-batches above this "do not fit"
 
     # setup
 
@@ -86,7 +102,7 @@ class LoraRecipe:
         from transformers import get_scheduler
 
         base = load_base_model(self.plan, self.device)
-        adapter_dir = checkpoint_dir / ADAPTER_DIR if checkpoint_dir else None
+        adapter_dir = checkpoint_dir / CHECKPOINT_ADAPTER_DIR if checkpoint_dir else None
         self.model = attach_adapter(base, self.plan, adapter_dir, trainable=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay)
@@ -99,11 +115,11 @@ class LoraRecipe:
         if checkpoint_dir is None:
             self._seed_everything(self.hp.seed)
             return
-        state = torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(checkpoint_dir / CHECKPOINT_STATE_FILE, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-        self.losses = json.loads((checkpoint_dir / CURSOR_FILE).read_text())["losses"]
+        self.losses = json.loads((checkpoint_dir / CHECKPOINT_CURSOR_FILE).read_text())["losses"]
         self._restore_rng(state["rng"])
 
     def _seed_everything(self, seed: int) -> None:
@@ -145,8 +161,6 @@ class LoraRecipe:
         started = time.perf_counter()
         self.model.train()
         mbs = self.plan.micro_batch_size
-        if self._oom_above is not None and mbs > self._oom_above:
-            raise torch.OutOfMemoryError(f"injected: micro-batch {mbs} does not fit (oom_above={self._oom_above})")
         examples = self._next_examples(mbs * self.plan.grad_accum)
         micro = [examples[i : i + mbs] for i in range(0, len(examples), mbs)]
         # Normalise by the labelled tokens of the whole step, so accumulation equals one big batch.
@@ -165,10 +179,15 @@ class LoraRecipe:
         self.last_step_tokens = sum(len(r["input_ids"]) for r in examples)
         return total / n_tokens
 
-    def train(self, until_step: int, after_step: Callable[[int, float], bool]) -> None:
+    def train(
+        self, until_step: int, after_step: Callable[[int, float], bool], before_step: Callable[[], None] | None = None
+    ) -> None:
         """Train up to until_step. after_step(step, loss) returns True to stop early (pause,
-        cancel, shutdown): the step in progress always finishes first."""
+        cancel, shutdown): the step in progress always finishes first. before_step() runs
+        before every step and may raise to fail it (the fault tests inject errors there)."""
         while self.step < until_step:
+            if before_step is not None:
+                before_step()
             loss = self.train_step()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss} at step {self.step}; lower the learning rate")
@@ -181,7 +200,7 @@ class LoraRecipe:
     def save_checkpoint(self, dest: Path) -> None:
         """Write adapter, trainer state and cursor into dest (a local staging directory)."""
         dest.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(dest / ADAPTER_DIR, safe_serialization=True)
+        self.model.save_pretrained(dest / CHECKPOINT_ADAPTER_DIR, safe_serialization=True)
         state = {
             "step": self.step,
             "epoch": self.epoch,
@@ -196,14 +215,69 @@ class LoraRecipe:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         }
-        torch.save(state, dest / STATE_FILE)
+        torch.save(state, dest / CHECKPOINT_STATE_FILE)
         cursor = {"step": self.step, "epoch": self.epoch, "position": self.position, "losses": self.losses}
-        (dest / CURSOR_FILE).write_text(json.dumps(cursor, indent=1))
+        (dest / CHECKPOINT_CURSOR_FILE).write_text(json.dumps(cursor, indent=1))
+
+    # a chunk
+
+    def run_chunk(
+        self,
+        checkpoint_dir: Path | None,
+        from_step: int,
+        until_step: int,
+        staging_dir: Path,
+        *,
+        eval_rows: Callable[[], list[dict]],
+        loading: AbstractContextManager = nullcontext(),
+        started: Callable[[int], None] = lambda step: None,
+        before_step: Callable[[], None] | None = None,
+        after_step: Callable[[int, float], bool] = lambda step, loss: False,
+    ) -> ChunkOutcome:
+        """Set up from checkpoint_dir (None: fresh), train to until_step, save the checkpoint
+        into staging_dir, and evaluate it on eval_rows() when the plan evaluates at checkpoints.
+
+        from_step is where the chunk was planned to start: its losses are those of the steps
+        after it (more than it trained when checkpoint_dir is further on). The hooks: the model
+        loads inside `loading` (the caller heartbeats there); started(step) runs once set up,
+        with the step it resumes from; before_step and after_step as in `train`. A step that
+        runs out of memory raises StepOutOfMemory, with the recipe cleaned up."""
+        with loading:
+            self.setup(checkpoint_dir)
+        resumed_from = self.step
+        started(resumed_from)
+        try:
+            self.train(until_step, after_step, before_step)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self.cleanup()
+            plan = self.plan
+            raise StepOutOfMemory(
+                f"out of memory at micro-batch {plan.micro_batch_size} (max_seq_len {plan.max_seq_len}): {exc}"
+            ) from None
+        save_started = time.monotonic()
+        self.save_checkpoint(staging_dir)
+        save_seconds = time.monotonic() - save_started
+        loss_at_checkpoint = None
+        if self.plan.spec.eval_at_checkpoints:
+            rows = eval_rows()
+            loss_at_checkpoint, _ = eval_loss(self.model, rows, self.plan.micro_batch_size, self.device, self.dtype)
+        return ChunkOutcome(
+            step=self.step, resumed_from=resumed_from, losses=self.losses[from_step:],
+            eval_loss=loss_at_checkpoint, staging_dir=staging_dir, save_seconds=save_seconds,
+        )
 
     def cleanup(self) -> None:
         del self.model, self.optimizer, self.scheduler
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator raises a RuntimeError saying so."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "not enough memory" in text
 
 
 @torch.no_grad()

@@ -14,7 +14,8 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError, TimeoutType
 
 with workflow.unsafe.imports_passed_through():
-    from schemas.preflight import PreflightInput, PreflightReport
+    from schemas.hardware import HardwareInfo
+    from schemas.preflight import DryRunInput, PreflightInput, PreflightReport
     from schemas.errors import NO_GPU_WORKER, USER_ERROR
     from schemas.settings import hardware_task_queue_for, no_gpu_worker_message
 
@@ -24,7 +25,7 @@ HARDWARE_QUEUE_PATCH = "inspect-hardware-on-hardware-queue"
 HARDWARE_WAIT = timedelta(seconds=10)
 
 
-async def inspect_hardware(gpu_task_queue: str) -> dict:
+async def inspect_hardware(gpu_task_queue: str) -> HardwareInfo:
     """Ask a GPU worker for its hardware on its light hardware queue, failing fast with
     NO_GPU_WORKER when none picks the task up. (Old histories: the GPU queue, as recorded.)"""
     if not workflow.patched(HARDWARE_QUEUE_PATCH):
@@ -33,7 +34,7 @@ async def inspect_hardware(gpu_task_queue: str) -> dict:
             task_queue=gpu_task_queue,
             start_to_close_timeout=timedelta(seconds=60),
             retry_policy=RetryPolicy(maximum_attempts=3),
-            result_type=dict,
+            result_type=HardwareInfo,
         )
     try:
         return await workflow.execute_activity(
@@ -42,7 +43,7 @@ async def inspect_hardware(gpu_task_queue: str) -> dict:
             schedule_to_start_timeout=HARDWARE_WAIT,
             start_to_close_timeout=timedelta(seconds=60),
             retry_policy=RetryPolicy(maximum_attempts=3),
-            result_type=dict,
+            result_type=HardwareInfo,
         )
     except ActivityError as err:
         if isinstance(err.cause, TimeoutError) and err.cause.type == TimeoutType.SCHEDULE_TO_START:
@@ -55,12 +56,12 @@ async def inspect_hardware(gpu_task_queue: str) -> dict:
 @workflow.defn(name="PreflightLLM")
 class PreflightLLM:
     @workflow.run
-    async def run(self, inp: PreflightInput, cpu_task_queue: str, gpu_task_queue: str) -> PreflightReport:
-        hardware = await inspect_hardware(gpu_task_queue)
+    async def run(self, inp: DryRunInput) -> PreflightReport:
+        hardware = await inspect_hardware(inp.gpu_task_queue)
         return await workflow.execute_activity(
             "preflight_report",
-            inp.model_copy(update={"hardware": hardware}),
-            task_queue=cpu_task_queue,
+            PreflightInput(run_id=inp.run_id, spec=inp.spec, hardware=hardware),
+            task_queue=inp.cpu_task_queue,
             start_to_close_timeout=timedelta(minutes=10),
             retry_policy=RetryPolicy(maximum_attempts=2, non_retryable_error_types=[USER_ERROR]),
             result_type=PreflightReport,
@@ -72,5 +73,5 @@ class InspectHardware:
     """What a training worker has (GPU, memory, bf16, bitsandbytes, disk), for GET /v1/models."""
 
     @workflow.run
-    async def run(self, gpu_task_queue: str) -> dict:
+    async def run(self, gpu_task_queue: str) -> HardwareInfo:
         return await inspect_hardware(gpu_task_queue)

@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         SnapshotInput,
         TrainingPlan,
     )
+    from schemas.hardware import HardwareInfo
     from schemas.preflight import PreflightInput
     from schemas.run_state import RunState, RunStatus
     from schemas.errors import OUT_OF_MEMORY, RUN_FAILED, USER_ERROR
@@ -126,7 +127,6 @@ class TuneLLM:
             await self._fail(err.message, err)
 
     async def _fail(self, reason: str, err: Exception):
-        self._status.error = reason
         await self._enter(RunState.failed, reason, error=reason)
         raise ApplicationError(reason, type=RUN_FAILED, non_retryable=True) from err
 
@@ -160,30 +160,28 @@ class TuneLLM:
                     maximum_attempts=10,
                     non_retryable_error_types=RETRY.non_retryable_error_types,
                 ),
-                result_type=dict,
+                result_type=HardwareInfo,
             )
         else:
-            hardware = await self._gpu("inspect_hardware", None, dict)
+            hardware = await self._gpu("inspect_hardware", None, HardwareInfo)
         plan = await self._cpu(
             "preflight", PreflightInput(run_id=inp.run_id, spec=spec, hardware=hardware), TrainingPlan, minutes=30
         )
-        self._status.total_steps = plan.total_steps
         await self._enter(
             RunState.preparing_data,
             f"plan: {plan.total_steps} steps, micro-batch {plan.micro_batch_size} x {plan.grad_accum}",
-            plan=plan.model_dump(mode="json"),
+            attach={"plan": plan.model_dump(mode="json")},
             total_steps=plan.total_steps,
         )
         snapshot = await self._cpu("snapshot_dataset", SnapshotInput(run_id=inp.run_id, plan=plan), DatasetSnapshot, minutes=120)
         await self._enter(
             RunState.baseline_eval,
             f"snapshot {snapshot.sha256[:12]}: {snapshot.train_rows} train / {snapshot.eval_rows} eval rows",
-            dataset_snapshot=snapshot.model_dump(mode="json"),
+            attach={"dataset_snapshot": snapshot.model_dump(mode="json")},
         )
         baseline = await self._gpu(
             "evaluate", EvaluateInput(run_id=inp.run_id, plan=plan, snapshot=snapshot, label="baseline"), EvalResult
         )
-        self._status.baseline_eval_loss = baseline.loss
         await self._enter(RunState.training, f"baseline eval loss {baseline.loss:.4f}", baseline_eval_loss=baseline.loss)
         return RunCarry(plan=plan, snapshot=snapshot, baseline=baseline, step=0, seq=self._seq)
 
@@ -229,9 +227,10 @@ class TuneLLM:
             self._status.step, self._status.loss = chunk.step, chunk.loss
 
     async def _smaller_micro_batch(self, plan: TrainingPlan, reason: str) -> TrainingPlan:
-        """Half the micro-batch (or the next divisor), more accumulation: the same effective batch."""
-        mbs = plan.micro_batch_size
-        smaller = next((d for d in range(mbs // 2, 0, -1) if mbs % d == 0), None)
+        """Half the micro-batch (or the next divisor), more accumulation: the same effective batch.
+        The new plan comes from the plan itself (TrainingPlan.with_micro_batch), memory estimate
+        included, and is recorded on the run, so lineage reads the plan that trained."""
+        smaller = plan.smaller_micro_batch()
         if smaller is None:
             raise ApplicationError(
                 f"{reason}. It does not fit even with micro-batch 1: lower hyperparameters.max_seq_len "
@@ -239,12 +238,12 @@ class TuneLLM:
                 type=USER_ERROR,
                 non_retryable=True,
             )
-        new = plan.model_copy(update={"micro_batch_size": smaller, "grad_accum": plan.grad_accum * (mbs // smaller)})
+        new = plan.with_micro_batch(smaller)
         await self._record(
             RunState.training,
             f"{reason}; retrying with micro-batch {new.micro_batch_size} x grad_accum {new.grad_accum} "
-            f"(same {mbs * plan.grad_accum} examples per step)",
-            plan=new.model_dump(mode="json"),
+            f"(same {plan.micro_batch_size * plan.grad_accum} examples per step)",
+            attach={"plan": new.model_dump(mode="json")},
         )
         return new
 
@@ -257,7 +256,6 @@ class TuneLLM:
             EvaluateInput(run_id=inp.run_id, plan=plan, snapshot=snapshot, checkpoint=carry.checkpoint, label="tuned"),
             EvalResult,
         )
-        self._status.tuned_eval_loss = tuned.loss
         await self._enter(RunState.publishing, f"tuned eval loss {tuned.loss:.4f}", tuned_eval_loss=tuned.loss)
         published = await self._cpu(
             "publish",
@@ -267,14 +265,13 @@ class TuneLLM:
             PublishResult,
             minutes=60,
         )
-        self._status.adapter_uri = published.adapter_uri
         await self._enter(
             RunState.succeeded,
             f"adapter published at {published.adapter_path or published.adapter_uri}",
+            attach={"metrics": {"baseline": baseline.model_dump(mode="json"), "tuned": tuned.model_dump(mode="json")}},
             adapter_uri=published.adapter_uri,
             adapter_path=published.adapter_path,
             manifest_uri=published.manifest_uri,
-            metrics={"baseline": baseline.model_dump(mode="json"), "tuned": tuned.model_dump(mode="json")},
         )
         return RunResult(
             run_id=inp.run_id,
@@ -285,17 +282,24 @@ class TuneLLM:
             manifest_uri=published.manifest_uri,
         )
 
-    async def _enter(self, state: RunState, message: str = "", **fields) -> None:
-        """Record a transition: a run event row, the query status, and the search attribute."""
-        self._status.state = state
-        workflow.upsert_search_attributes([sa.STATE.value_set(state.value)])
-        await self._record(state, message, **fields)
+    async def _enter(self, state: RunState, message: str = "", *, attach: dict | None = None, **changes) -> None:
+        """A transition: `changes` (RunStatus fields) and the state go into the status, and
+        everything else derives from that one status: the query answers it, the search
+        attribute is set from it, and record_event writes the run's row from it. `attach`:
+        large facts kept on the row only (plan, snapshot, metrics)."""
+        self._status = self._status.model_copy(update={"state": state, **changes})
+        workflow.upsert_search_attributes(sa.from_status(self._status))
+        await self._record(state, message, attach=attach, **changes)
 
-    async def _record(self, state: RunState, message: str, **fields) -> None:
+    async def _record(self, state: RunState, message: str, *, attach: dict | None = None, **data) -> None:
+        """Write one event (and the row, from the status) through record_event, keyed by seq."""
         self._seq += 1
         await workflow.execute_activity(
             "record_event",
-            RecordEventInput(run_id=self._inp.run_id, seq=self._seq, state=state, message=message, data=fields),
+            RecordEventInput(
+                run_id=self._inp.run_id, seq=self._seq, state=state, message=message, data=data,
+                status=self._status, attach=attach or {},
+            ),
             task_queue=self._inp.cpu_task_queue,
             start_to_close_timeout=timedelta(seconds=60),
             retry_policy=RETRY,

@@ -21,7 +21,9 @@ from api.deps import DbDep, PrincipalDep, Role, SettingsDep, StoreDep
 from schemas.api import DatasetList, DatasetRunRef, DatasetSummary, DatasetView
 from schemas.run_spec import SLUG
 from schemas.run_state import RunState
-from store.db import AsyncDatabase, DatasetRow, RunRow, new_id
+from store.db import AsyncDatabase
+from store.layout import dataset_key
+from store.tables import DatasetRow, RunRow, new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -109,7 +111,7 @@ async def upload_dataset(
                 f"dataset is larger than the upload limit of {settings.max_upload_bytes} bytes; "
                 "split it, or raise LOCKN_TUNE_MAX_UPLOAD_BYTES",
             ) from None
-        key = f"datasets/sha256/{sha256}.jsonl"
+        key = dataset_key(sha256)
         existing = await db.dataset_by_sha256(project, sha256)
         if existing is not None:
             # Validated at its first upload; only its stored file may need putting back

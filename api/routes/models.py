@@ -14,18 +14,13 @@ from temporalio.service import RPCError
 
 from activities.memory_estimate import ModelShape, estimate_training_memory, usable_memory
 from api.deps import get_temporal
-from schemas.api_models import (
-    FitSettings,
-    FitVerdict,
-    HardwareInfo,
-    ModelList,
-    ModelView,
-)
+from schemas.api_models import FitSettings, FitVerdict, ModelList, ModelView
+from schemas.hardware import HardwareInfo
 from schemas.errors import NO_GPU_WORKER
 from schemas.model_matrix import ModelEntry, load_matrix
 from schemas.run_spec import Method
 from schemas.settings import Settings, no_gpu_worker_message
-from store.db import new_id
+from store.tables import new_id
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -73,7 +68,7 @@ def fit_verdict(
 ) -> FitVerdict:
     """Whether tuning `entry` with `method` at `settings` fits `hardware`, and why."""
     settings = settings or FitSettings()
-    usable = usable_memory(hardware.device, hardware.gpu_memory_bytes, hardware.memory_available_bytes)
+    usable = usable_memory(hardware)
     what, available = usable.what, usable.bytes
     if method not in entry.methods:
         offered = ", ".join(m.value for m in entry.methods)

@@ -12,9 +12,9 @@ from api.deps import DbDep, PrincipalDep, Role, SettingsDep, TemporalDep
 from api.routes.models import failure_message, require_gpu_worker
 from api.routes.runs import check_dataset
 from schemas.errors import NO_GPU_WORKER
-from schemas.preflight import PreflightInput, PreflightReport
+from schemas.preflight import DryRunInput, PreflightReport
 from schemas.run_spec import RunSpec
-from store.db import new_id
+from store.tables import new_id
 
 router = APIRouter(prefix="/v1/preflight", tags=["preflight"])
 
@@ -30,11 +30,14 @@ async def preflight(
     principal.require(spec.project, Role.operator, f"project {spec.project!r}")
     await check_dataset(db, settings, principal, spec)
     await require_gpu_worker(client, settings)
+    run_id = new_id("preflight")
     try:
         return await client.execute_workflow(
             "PreflightLLM",
-            args=[PreflightInput(run_id=new_id("preflight"), spec=spec), settings.cpu_task_queue, settings.gpu_task_queue],
-            id=new_id("preflight"),
+            DryRunInput(
+                run_id=run_id, spec=spec, cpu_task_queue=settings.cpu_task_queue, gpu_task_queue=settings.gpu_task_queue
+            ),
+            id=run_id,
             task_queue=settings.cpu_task_queue,
             execution_timeout=timedelta(minutes=5),
             result_type=PreflightReport,

@@ -23,7 +23,7 @@ from schemas.api import (
     WhoAmI,
 )
 from schemas.run_spec import SLUG
-from store.db import ConsentRow, ProjectRow, PublishTargetRow, new_id
+from store.tables import ConsentRow, ProjectRow, PublishTargetRow, new_id
 
 router = APIRouter(prefix="/v1", tags=["projects"])
 ProjectId = Path(pattern=SLUG, description="Project slug.")

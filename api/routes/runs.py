@@ -41,8 +41,10 @@ from schemas.run_spec import RunSpec
 from schemas.run_state import RunState, RunStatus
 from schemas.settings import Settings
 from store.artifacts import ArtifactStore
-from store.checkpoints import checkpoint_prefix, committed_steps
-from store.db import AsyncDatabase, RunRow, new_id
+from store.checkpoints import committed_steps
+from store.db import AsyncDatabase
+from store.layout import checkpoint_manifest_key
+from store.tables import RunRow, new_id
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 log = structlog.get_logger(__name__)
@@ -170,7 +172,8 @@ async def create_run(
         pass  # a retried submission: the run's workflow is already running
     except RPCError as exc:
         reason = f"could not start the workflow on Temporal ({exc.message}); is the stack running?"
-        await db.record_state(run_id, 1, RunState.failed, reason, {}, error=reason)
+        # Keyed, not numbered: should the workflow have started after all, its own events keep their seq.
+        await db.record_state(run_id, None, RunState.failed, reason, {}, key="start-failed", error=reason)
         raise HTTPException(503, reason) from None
     log.info("run.started", run_id=run_id, project=spec.project, base_model=spec.base_model, created=created)
     return to_view(row, settings)
@@ -215,17 +218,25 @@ async def cancel_run(
     return await full_view(db, await db.get_run(run_id), settings)
 
 
-async def _update(client: Client, db: AsyncDatabase, principal, run_id: str, update: str, what: str) -> None:
+async def _update(
+    client: Client, db: AsyncDatabase, settings: Settings, principal, run_id: str, update: str, what: str
+) -> RunView:
+    """Send a pause or resume update; the answer is the run as the workflow's update returned it
+    (the row may not have heard of the change yet)."""
     row = await get_visible_run(db, principal, run_id, Role.operator)
     if RunState(row.state).terminal:
         raise HTTPException(409, f"run {run_id} already ended ({row.state}); nothing to {what}")
     try:
-        await client.get_workflow_handle(run_id).execute_update(update, result_type=RunStatus)
+        status = await client.get_workflow_handle(run_id).execute_update(update, result_type=RunStatus)
     except WorkflowUpdateFailedError as exc:
         raise HTTPException(409, f"cannot {what} run {run_id}: {getattr(exc.cause, 'message', exc.cause)}") from None
     except RPCError as exc:
         raise HTTPException(503, f"could not {what} on Temporal: {exc.message}") from None
     await db.add_event(run_id, "info", f"{what} requested by {principal.subject}")
+    view = await full_view(db, await db.get_run(run_id), settings)
+    return view.model_copy(
+        update={"state": status.state, "pause_requested": status.pause_requested, "step": max(view.step, status.step)}
+    )
 
 
 @router.post("/{run_id}/pause", status_code=202, response_model=RunView)
@@ -234,8 +245,7 @@ async def pause_run(
 ) -> RunView:
     """Pause a run (operator): the chunk in flight finishes its step, checkpoints and frees
     the GPU; the run waits in `paused` until resumed."""
-    await _update(client, db, principal, run_id, "pause_run", "pause")
-    return await full_view(db, await db.get_run(run_id), settings)
+    return await _update(client, db, settings, principal, run_id, "pause_run", "pause")
 
 
 @router.post("/{run_id}/resume", status_code=202, response_model=RunView)
@@ -243,8 +253,7 @@ async def resume_run(
     run_id: str, settings: SettingsDep, db: DbDep, client: TemporalDep, principal: PrincipalDep
 ) -> RunView:
     """Resume a paused run from its newest checkpoint (operator)."""
-    await _update(client, db, principal, run_id, "resume_run", "resume")
-    return await full_view(db, await db.get_run(run_id), settings)
+    return await _update(client, db, settings, principal, run_id, "resume_run", "resume")
 
 
 @router.get("/{run_id}/preflight", response_model=PreflightReport)
@@ -267,7 +276,7 @@ async def run_artifacts(run_id: str, db: DbDep, principal: PrincipalDep) -> list
 async def _newest_checkpoint(store: ArtifactStore, run_id: str) -> CheckpointRef | None:
     """The newest committed checkpoint (publish verifies its files against the manifest)."""
     for step in await run_in_threadpool(committed_steps, store, run_id):
-        key = f"{checkpoint_prefix(run_id, step)}/manifest.json"
+        key = checkpoint_manifest_key(run_id, step)
         try:
             raw = await run_in_threadpool(store.get_bytes, key)
             json.loads(raw)

@@ -21,7 +21,7 @@ from api.app import create_app
 from api.routes.runs import start_run_workflow
 from activities.demo_data import demo_texts
 from schemas.run_state import RunState
-from store.db import new_id
+from store.tables import new_id
 from tests.conftest import small_spec
 from worker_gpu.samples import SAMPLE_TEXT_CHARS
 
@@ -170,7 +170,7 @@ async def test_worker_shutdown_during_eval_ends_at_once_and_the_eval_runs_again(
     graceful-shutdown timeout (120 s), and the eval is retried on the next GPU worker."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from store.db import Database
+    from store.blocking import BlockingDatabase
     from store.open_store import open_store
     from tests.conftest import Stack, stack_settings
     from worker_cpu.main import build_worker as cpu_worker
@@ -179,7 +179,7 @@ async def test_worker_shutdown_during_eval_ends_at_once_and_the_eval_runs_again(
     settings = stack_settings(tmp_path / "home")
     settings.faults = "slow_eval=2"
     client = temporal_env.client
-    db = Database(settings.db_url)
+    db = BlockingDatabase(settings.db_url)
     stack = Stack(client, settings, db, open_store(settings))
     try:
         with ThreadPoolExecutor(8) as cpu_pool:

@@ -3,16 +3,18 @@ that say what to change, dataset checks. The hardware is given as the worker rep
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
 
 import pytest
+from temporalio.exceptions import ApplicationError
 
 from activities.memory_estimate import ModelShape, estimate_training_memory
 from activities.preflight import preflight_report
 from api.routes.models import fit_verdict
-from schemas.api_models import HardwareInfo
+from schemas.hardware import HardwareInfo
 from schemas.model_matrix import load_matrix
 from schemas.run_spec import Method, RunSpec
 
@@ -26,7 +28,8 @@ def spec(model, data, **over) -> RunSpec:
 
 
 def report(model, data, hardware=CPU, **over):
-    return preflight_report("run_test", spec(model, data, **over), db=None, store=None, hardware=hardware, roots=ROOTS)
+    hw = HardwareInfo(**hardware) if hardware is not None else None
+    return preflight_report("run_test", spec(model, data, **over), db=None, store=None, hardware=hw, roots=ROOTS)
 
 
 def test_every_unset_knob_gets_a_value_and_a_reason(tiny_model, datasets):
@@ -283,3 +286,34 @@ def test_preflight_and_the_models_route_judge_memory_by_one_rule(tiny_model, dat
     [warning] = [w for w in assumed.warnings if "free memory" in w]
     assert "did not report its free memory" in warning and "13.7 GB" in warning  # 80% of 16 GiB, as planned
     assert assumed.plan.warnings == assumed.warnings
+
+
+def test_the_out_of_memory_back_off_is_a_pure_function_of_the_plan(tiny_model, datasets):
+    """Halving the micro-batch keeps the examples per step and carries every fact that depends
+    on the batch shape (the memory estimate) along; the plan holds each of them once."""
+    plan = report(tiny_model, datasets["instruction"], hyperparameters={"micro_batch_size": 8, "grad_accum": 2}).plan
+    assert (plan.smaller_micro_batch(), plan.memory_estimate_bytes) == (4, plan.memory_estimates[8])
+    smaller = plan.with_micro_batch(4)
+    assert (smaller.micro_batch_size, smaller.grad_accum) == (4, 4)
+    assert smaller.hyperparameters.micro_batch_size == 4 and smaller.memory_estimate_bytes == plan.memory_estimates[4]
+    assert smaller.memory_estimate_bytes < plan.memory_estimate_bytes
+    assert (plan.micro_batch_size, plan.grad_accum) == (8, 2)  # the old plan is unchanged
+    assert sorted(plan.memory_estimates) == [1, 2, 4, 8]  # every micro-batch the back-off can reach
+    dumped = smaller.model_dump()
+    assert not {"micro_batch_size", "grad_accum", "max_seq_len", "memory_estimate_bytes"} & set(dumped)
+    with pytest.raises(ValueError, match="does not divide"):
+        plan.with_micro_batch(3)
+
+
+def test_the_plan_names_its_dataset_and_the_snapshot_refuses_other_bytes(tiny_model, datasets, tmp_path):
+    from activities.snapshot import snapshot_dataset
+    from store.artifacts import LocalArtifactStore
+
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(Path(datasets["instruction"]).read_bytes())
+    plan = report(tiny_model, data).plan
+    assert plan.dataset_sha256 == hashlib.sha256(data.read_bytes()).hexdigest()
+    with open(data, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"instruction": "a row added after preflight", "output": "ok"}) + "\n")
+    with pytest.raises(ApplicationError, match="changed after preflight planned the run"):
+        snapshot_dataset(plan, None, LocalArtifactStore(tmp_path / "store"), roots=ROOTS)

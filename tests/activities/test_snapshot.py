@@ -14,6 +14,7 @@ from pathlib import Path
 from activities.preflight import preflight_report
 from activities.snapshot import snapshot_dataset
 from activities.demo_data import write_demo_dataset
+from schemas.hardware import HardwareInfo
 from schemas.run_spec import RunSpec
 from store.artifacts import LocalArtifactStore
 
@@ -23,7 +24,7 @@ CPU = {"device": "cpu", "cpu_count": 2, "memory_available_bytes": 16 * 2**30, "b
 
 def snapshot(tmp_path, model, data, **over):
     spec = RunSpec.model_validate({"base_model": str(model), "dataset": str(data), **over})
-    report = preflight_report("run_snap", spec, db=None, store=None, hardware=CPU, roots=ROOTS)
+    report = preflight_report("run_snap", spec, db=None, store=None, hardware=HardwareInfo(**CPU), roots=ROOTS)
     assert report.ok, report.errors
     store = LocalArtifactStore(tmp_path / "store")
     return report, snapshot_dataset(report.plan, None, store, roots=ROOTS), store

@@ -16,7 +16,8 @@ import pytest
 import pytest_asyncio
 
 from api.app import create_app
-from store.db import ArtifactRow, Database
+from store.blocking import BlockingDatabase
+from store.tables import ArtifactRow
 from tests.auth_tokens import LocalIssuer
 from tests.conftest import small_spec
 
@@ -116,7 +117,7 @@ async def world(stack, temporal_env, issuer, tiny_model, datasets):
                                 json={"name": "ollama", "kind": "ollama", "config": {"endpoint": "http://ollama:11434"}})
         assert target.status_code == 201, target.text
         w.ids["target_id"] = target.json()["id"]
-        db = Database(settings.db_url)
+        db = BlockingDatabase(settings.db_url)
         try:
             db.add_artifact(ArtifactRow(id="art_beta", run_id=w.ids["run_id"], kind="adapter", uri="s3://x/y",
                                         sha256="0" * 64, size_bytes=1, manifest={"run_id": w.ids["run_id"]}))

@@ -9,7 +9,8 @@ import pytest_asyncio
 from api.app import create_app
 from api.routes.models import fit_verdict
 from runtime.hardware import read_meminfo
-from schemas.api_models import FitSettings, HardwareInfo
+from schemas.api_models import FitSettings
+from schemas.hardware import HardwareInfo
 from schemas.model_matrix import load_matrix
 from schemas.run_spec import Method
 
@@ -127,14 +128,14 @@ async def test_without_a_gpu_worker_models_and_dry_runs_say_so_at_once(temporal_
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from store.db import Database
+    from store.blocking import BlockingDatabase
     from tests.conftest import small_spec, stack_settings
     from worker_cpu.main import build_worker as cpu_worker
 
     settings = stack_settings(tmp_path / "home").model_copy(
         update={"temporal_address": temporal_env.client.service_client.config.target_host}
     )
-    db = Database(settings.db_url)
+    db = BlockingDatabase(settings.db_url)
     try:
         with ThreadPoolExecutor(4) as pool:
             async with cpu_worker(temporal_env.client, settings, pool, db):

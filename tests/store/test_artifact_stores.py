@@ -45,9 +45,9 @@ def s3_store(s3_server, tmp_path):
 
 @pytest.fixture
 def db(tmp_path):
-    from store.db import Database
+    from store.blocking import BlockingDatabase
 
-    db = Database(f"sqlite:///{tmp_path / 'meta.db'}")
+    db = BlockingDatabase(f"sqlite:///{tmp_path / 'meta.db'}")
     yield db
     db.close()
 
@@ -224,7 +224,7 @@ def test_preflight_reads_an_uploaded_dataset_from_the_store(store, db):
     from temporalio.exceptions import ApplicationError
 
     from activities.preflight import resolve_dataset_path
-    from store.db import DatasetRow
+    from store.tables import DatasetRow
 
     data = b'{"instruction": "say hi", "output": "hi"}\n' * 3
     key = f"datasets/sha256/{sha(data)}.jsonl"
@@ -357,6 +357,7 @@ def test_an_existing_bucket_is_reused(s3_server, tmp_path):
 
 def _publish_input(run_id: str, ref):
     from schemas.activities import DatasetSnapshot, EvalResult, PublishInput, TokenStats, TrainingPlan
+    from schemas.run_spec import ResolvedHyperparameters
     from tests.conftest import small_spec
 
     spec = small_spec("tiny-llama", "data.jsonl")
@@ -364,8 +365,11 @@ def _publish_input(run_id: str, ref):
         run_id=run_id, spec=spec, spec_sha256=spec.sha256(), base_model_path="/models/tiny-llama",
         base_model_id="tiny-llama", base_model_revision="r0", model_type="llama", num_parameters=1000,
         has_chat_template=False, dataset_shape="instruction", valid_rows=12, train_rows=10, eval_rows=2,
-        micro_batch_size=8, grad_accum=1, max_seq_len=96, steps_per_epoch=2, total_steps=20, warmup_steps=0,
-        memory_estimate_bytes=1,
+        steps_per_epoch=2, total_steps=20, warmup_steps=0, memory_estimates={8: 1},
+        hyperparameters=ResolvedHyperparameters(
+            epochs=1, learning_rate=1e-3, warmup_ratio=0.0, lora_r=4, lora_alpha=8, max_seq_len=96,
+            micro_batch_size=8, grad_accum=1, gradient_checkpointing=False,
+        ),
     )
     stats = TokenStats(min=1, max=2, mean=1.5, p50=1, p95=2, truncated_rows=0, truncated_share=0.0, trained_tokens=9)
     snapshot = DatasetSnapshot(

@@ -6,24 +6,16 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
 
 from schemas.run_spec import RunSpec
 from schemas.run_state import RunState
-from store.db import Database
+from store.blocking import BlockingDatabase
 from store.migrate import current, downgrade, head, upgrade
 
 LEGACY_SQL = Path(__file__).parent / "fixtures" / "legacy_embedded_db.sql"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'meta.db'}"
-    return request.getfixturevalue("postgres").new_database()
 
 
 def sync_url(url: str) -> str:
@@ -64,7 +56,7 @@ def test_fresh_database_matches_the_models(db_url):
 
 def test_upgrade_in_place_keeps_runs_and_backfills_projects(db_url):
     upgrade(db_url, "0001")
-    old = Database(db_url, migrate=False)
+    old = BlockingDatabase(db_url, migrate=False)
     try:
         # Write through the baseline columns only, as the old code did.
         import asyncio  # noqa: F401
@@ -81,16 +73,16 @@ def test_upgrade_in_place_keeps_runs_and_backfills_projects(db_url):
                     )
                 )
 
-        old._run(seed())
+        old.run(seed())
     finally:
         old.close()
     upgrade(db_url)
     assert current(db_url) == head()
-    db = Database(db_url)
+    db = BlockingDatabase(db_url)
     try:
         row = db.get_run("run_old")
         assert (row.state, row.step, row.project) == ("training", 7, "acme")
-        assert [p.id for p in db.list_projects()] == ["acme"]
+        assert [p.id for p in db.run(db.aio.list_projects())] == ["acme"]
         # The new columns work on the upgraded table.
         _, made = db.create_run("run_new", spec(), created_by="alice", idempotency_key="k1")
         again, made_again = db.create_run("run_other", spec(), created_by="alice", idempotency_key="k1")
@@ -105,7 +97,7 @@ def test_duplicate_uploads_are_merged_into_one_dataset_whose_old_ids_still_resol
     from sqlalchemy import text
 
     upgrade(db_url, "0002")
-    old = Database(db_url, migrate=False)
+    old = BlockingDatabase(db_url, migrate=False)
     try:
         async def seed():
             async with old.aio.engine.begin() as conn:
@@ -122,16 +114,16 @@ def test_duplicate_uploads_are_merged_into_one_dataset_whose_old_ids_still_resol
                     " created_at, updated_at, step) VALUES ('run_dup', 'acme', 'r', 'llm', 'lora', '/m', 'ds_again',"
                     " 'succeeded', '{}', 'x', 1, 1, 7)"))
 
-        old._run(seed())
+        old.run(seed())
     finally:
         old.close()
     upgrade(db_url)
-    db = Database(db_url)
+    db = BlockingDatabase(db_url)
     try:
-        assert sorted(d.id for d in db.list_datasets()) == ["ds_diff", "ds_first", "ds_other"]
+        assert sorted(d.id for d in db.run(db.aio.list_datasets())) == ["ds_diff", "ds_first", "ds_other"]
         assert db.get_dataset("ds_again").id == "ds_first"
         assert db.get_run("run_dup").dataset == "ds_first"
-        assert [r.id for r in db.runs_using_datasets(["ds_first"])["ds_first"]] == ["run_dup"]
+        assert [r.id for r in db.run(db.aio.runs_using_datasets(["ds_first"]))["ds_first"]] == ["run_dup"]
     finally:
         db.close()
     assert schema_diff(db_url) == []
@@ -151,15 +143,15 @@ def test_pre_alembic_embedded_database_is_upgraded_in_place(tmp_path):
     con.executescript(LEGACY_SQL.read_text())
     con.close()
     url = f"sqlite:///{path}"
-    db = Database(url)  # opening migrates
+    db = BlockingDatabase(url)  # opening migrates
     try:
         assert current(url) == head()
         run = db.get_run("run_legacy0000000001")
         assert run.state == RunState.preflight.value and run.step == 5 and run.loss == 2.5
         assert [e.seq for e in db.events("run_legacy0000000001")] == [0, 1, None]
         assert db.get_dataset("ds_0123456789abcdef").project == "legacy"
-        assert [a.id for a in db.artifacts("run_legacy0000000001")] == ["art_1"]
-        assert [p.id for p in db.list_projects()] == ["legacy"]
+        assert [a.id for a in db.run(db.aio.artifacts("run_legacy0000000001"))] == ["art_1"]
+        assert [p.id for p in db.run(db.aio.list_projects())] == ["legacy"]
     finally:
         db.close()
     assert schema_diff(url) == []

@@ -14,7 +14,7 @@ import torch
 
 from activities.preflight import preflight_report
 from activities.snapshot import snapshot_dataset
-from schemas.api_models import HardwareInfo, training_precision
+from schemas.hardware import HardwareInfo, training_precision
 from schemas.run_spec import RunSpec
 from store.artifacts import LocalArtifactStore
 from worker_gpu.model_loading import PrecisionUnavailable, load_base_model
@@ -30,7 +30,7 @@ def planned(tiny_model, datasets, tmp_path):
         "base_model": str(tiny_model), "dataset": str(datasets["instruction"]),
         "hyperparameters": {"max_steps": 2, "max_seq_len": 96, "micro_batch_size": 4, "grad_accum": 1, "lora_r": 4},
     })
-    report = preflight_report("run_precision", spec, db=None, store=None, hardware=CPU, roots=ROOTS)
+    report = preflight_report("run_precision", spec, db=None, store=None, hardware=HardwareInfo(**CPU), roots=ROOTS)
     assert report.ok, report.errors
     store = LocalArtifactStore(tmp_path / "store")
     snap = snapshot_dataset(report.plan, None, store, roots=ROOTS)

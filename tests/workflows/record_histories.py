@@ -37,7 +37,8 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle  # no
 from api.routes.runs import start_run_workflow  # noqa: E402
 from activities.demo_data import demo_texts, write_demo_dataset  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
-from store.db import Database, new_id  # noqa: E402
+from store.blocking import BlockingDatabase  # noqa: E402
+from store.tables import new_id  # noqa: E402
 from tests.conftest import running_workers, small_spec, stack_settings, start_dev_server  # noqa: E402
 
 HISTORIES = Path(__file__).resolve().parent / "histories"
@@ -47,7 +48,7 @@ def log(msg: str) -> None:
     print(f"[record_histories] {msg}", flush=True)
 
 
-async def wait_state(db: Database, run_id: str, predicate, timeout: float = 300):
+async def wait_state(db: BlockingDatabase, run_id: str, predicate, timeout: float = 300):
     deadline = time.monotonic() + timeout
     row = None
     while time.monotonic() < deadline:
@@ -87,7 +88,7 @@ async def settle(handle: WorkflowHandle) -> None:
         pass
 
 
-async def record(client: Client, db: Database, settings: Settings, model: Path, data: Path, empty: Path) -> None:
+async def record(client: Client, db: BlockingDatabase, settings: Settings, model: Path, data: Path, empty: Path) -> None:
     async def start(spec):
         run_id = new_id("run")
         db.create_run(run_id, spec)
@@ -149,7 +150,7 @@ async def main() -> int:
         env = await start_dev_server()
         try:
             client = env.client
-            db = Database(settings.db_url)
+            db = BlockingDatabase(settings.db_url)
             HISTORIES.mkdir(parents=True, exist_ok=True)
             for old in HISTORIES.glob("*.json"):
                 old.unlink()

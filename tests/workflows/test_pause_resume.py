@@ -18,7 +18,7 @@ from api.routes.runs import start_run_workflow
 from cli.stack import temporal_binary
 from schemas.run_state import RunState
 from store.checkpoints import committed_steps
-from store.db import new_id
+from store.tables import new_id
 from tests.conftest import small_spec
 
 

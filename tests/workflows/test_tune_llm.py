@@ -9,8 +9,9 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from api.routes.runs import start_run_workflow
+from schemas.activities import TrainingPlan
 from schemas.run_state import RunState
-from store.db import new_id
+from store.tables import new_id
 from tests.conftest import small_spec
 from workflows.tune_llm import TuneLLM
 
@@ -97,11 +98,14 @@ def test_qlora_loads_the_base_in_nf4(tiny_model):
     """The QLoRA path really quantizes: linear layers are bitsandbytes 4-bit."""
     import bitsandbytes as bnb
 
-    from schemas.activities import TrainingPlan
+    from schemas.run_spec import ResolvedHyperparameters
     from worker_gpu.model_loading import load_base_model, pick_device
 
     spec = small_spec(tiny_model, "unused.jsonl", method="qlora")
-    plan = TrainingPlan.model_construct(spec=spec, base_model_path=str(tiny_model))
+    hp = ResolvedHyperparameters(**{
+        **spec.hyperparameters.model_dump(), "epochs": 1, "warmup_ratio": 0.0, "gradient_checkpointing": False,
+    })
+    plan = TrainingPlan.model_construct(spec=spec, base_model_path=str(tiny_model), hyperparameters=hp)
     model = load_base_model(plan, pick_device())
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
@@ -188,9 +192,19 @@ async def test_out_of_memory_retries_with_a_smaller_micro_batch(stack, tiny_mode
     spec = small_spec(tiny_model, datasets["instruction"], hyperparameters={"max_steps": 12, "micro_batch_size": 8})
     run, _ = await run_to_end(stack, spec)
     assert run.state == RunState.succeeded.value, run.error
-    assert (run.plan["micro_batch_size"], run.plan["grad_accum"]) == (2, 4)
     retries = [e.message for e in stack.db.events(run.id) if "retrying with micro-batch" in e.message]
     assert len(retries) == 2 and "micro-batch 4 x grad_accum 2 (same 8 examples per step)" in retries[0]
+    # One consistent plan after the back-off: the batch shape is held once, the memory estimate
+    # follows it, and the published lineage says what trained.
+    plan = TrainingPlan.model_validate(run.plan)
+    assert (plan.micro_batch_size, plan.grad_accum) == (2, 4)
+    assert "micro_batch_size" not in run.plan and "memory_estimate_bytes" not in run.plan
+    assert plan.memory_estimate_bytes == plan.memory_estimates[2] < plan.memory_estimates[8]
+    manifest = json.loads(Path(run.adapter_path, "lockn-manifest.json").read_text())
+    assert (manifest["hyperparameters"]["micro_batch_size"], manifest["hyperparameters"]["grad_accum"]) == (2, 4)
+    assert manifest["hyperparameters"] == {**plan.hyperparameters.model_dump(mode="json"), **{
+        k: manifest["hyperparameters"][k] for k in ("total_steps", "warmup_steps", "precision")
+    }}
 
 
 async def test_out_of_memory_at_micro_batch_one_says_what_to_change(stack, tiny_model, datasets):

@@ -1,0 +1,87 @@
+"""A chunk of the LoRA recipe end to end: set up, train, save into staging, eval; a chunk resumed
+from that staging directory continues bit for bit; injected faults come in through the hooks.
+
+    python -m pytest tests/worker_gpu/test_recipe_chunk.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from activities.preflight import preflight_report
+from activities.snapshot import snapshot_dataset
+from schemas.hardware import HardwareInfo
+from schemas.run_spec import RunSpec
+from schemas.settings import Settings
+from store.artifacts import LocalArtifactStore
+from store.layout import CHECKPOINT_ADAPTER_DIR, CHECKPOINT_CURSOR_FILE, CHECKPOINT_STATE_FILE
+from worker_gpu import faults
+from worker_gpu.recipe_lora import LoraRecipe, StepOutOfMemory
+
+ROOTS = (Path(tempfile.gettempdir()).resolve(),)
+CPU = {"device": "cpu", "cpu_count": 2, "memory_available_bytes": 16 * 2**30, "bitsandbytes_usable": True, "disk_free_bytes": 2**40}
+CPU_DEVICE = torch.device("cpu")
+
+
+@pytest.fixture
+def planned(tiny_model, datasets, tmp_path):
+    spec = RunSpec.model_validate({
+        "base_model": str(tiny_model), "dataset": str(datasets["instruction"]), "eval_at_checkpoints": True,
+        "hyperparameters": {"max_steps": 4, "max_seq_len": 96, "micro_batch_size": 2, "grad_accum": 2, "lora_r": 4},
+    })
+    report = preflight_report("run_chunk", spec, db=None, store=None, hardware=HardwareInfo(**CPU), roots=ROOTS)
+    assert report.ok, report.errors
+    store = LocalArtifactStore(tmp_path / "store")
+    snap = snapshot_dataset(report.plan, None, store, roots=ROOTS)
+    read = lambda uri: [json.loads(x) for x in store.local_file(uri).read_text().splitlines()]  # noqa: E731
+    return report.plan, read(snap.train_uri), read(snap.eval_uri)
+
+
+def test_a_chunk_resumed_from_its_staging_directory_continues_bit_for_bit(planned, tmp_path):
+    plan, rows, evals = planned
+    straight = LoraRecipe(plan, rows, CPU_DEVICE).run_chunk(None, 0, 4, tmp_path / "straight", eval_rows=lambda: evals)
+
+    seen = []
+    first = LoraRecipe(plan, rows, CPU_DEVICE).run_chunk(
+        None, 0, 2, tmp_path / "first", eval_rows=lambda: evals,
+        started=lambda step: seen.append(("started", step)), after_step=lambda step, loss: seen.append(step) or False,
+    )
+    assert seen == [("started", 0), 1, 2]
+    assert (first.step, first.resumed_from, len(first.losses)) == (2, 0, 2)
+    for name in (CHECKPOINT_ADAPTER_DIR, CHECKPOINT_STATE_FILE, CHECKPOINT_CURSOR_FILE):
+        assert (first.staging_dir / name).exists()
+    assert first.eval_loss is not None and first.eval_loss > 0
+
+    second = LoraRecipe(plan, rows, CPU_DEVICE).run_chunk(first.staging_dir, 2, 4, tmp_path / "second", eval_rows=lambda: evals)
+    assert (second.step, second.resumed_from) == (4, 2)
+    assert first.losses + second.losses == straight.losses
+    assert second.eval_loss == straight.eval_loss
+    weights = "adapter_model.safetensors"
+    assert (second.staging_dir / CHECKPOINT_ADAPTER_DIR / weights).read_bytes() == (
+        straight.staging_dir / CHECKPOINT_ADAPTER_DIR / weights
+    ).read_bytes()
+
+
+def test_a_chunk_stopped_by_after_step_saves_the_step_it_reached(planned, tmp_path):
+    plan, rows, evals = planned
+    chunk = LoraRecipe(plan, rows, CPU_DEVICE).run_chunk(
+        None, 0, 4, tmp_path / "out", eval_rows=lambda: evals, after_step=lambda step, loss: step == 1
+    )
+    assert chunk.step == 1 and len(chunk.losses) == 1
+    assert json.loads((chunk.staging_dir / CHECKPOINT_CURSOR_FILE).read_text())["step"] == 1
+
+
+def test_the_injected_oom_fails_the_step_and_names_the_batch_shape(planned, tmp_path):
+    plan, rows, evals = planned
+    assert faults.injected_oom(Settings(faults=""), plan.micro_batch_size) is None
+    assert faults.injected_oom(Settings(faults=f"oom_above={plan.micro_batch_size}"), plan.micro_batch_size) is None
+    hook = faults.injected_oom(Settings(faults="oom_above=1"), plan.micro_batch_size)
+    recipe = LoraRecipe(plan, rows, CPU_DEVICE)
+    with pytest.raises(StepOutOfMemory, match=r"out of memory at micro-batch 2 \(max_seq_len 96\): injected"):
+        recipe.run_chunk(None, 0, 4, tmp_path / "out", eval_rows=lambda: evals, before_step=hook)
+    assert recipe.step == 0 and not (tmp_path / "out").exists()
