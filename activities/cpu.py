@@ -9,12 +9,15 @@ from __future__ import annotations
 from temporalio import activity
 
 from activities.errors import user_error
+from activities.hub_fetch import fetch_base_model as fetch_from_hub
 from activities.local_paths import allowed_roots
 from activities.preflight import preflight_report
 from activities.publish import publish_adapter
 from activities.snapshot import snapshot_dataset as make_snapshot
 from schemas.activities import (
     DatasetSnapshot,
+    FetchedModel,
+    FetchModelInput,
     PublishInput,
     PublishResult,
     RecordEventInput,
@@ -80,10 +83,17 @@ class CpuActivities:
         """Copy, validate, split and tokenize the dataset. Resumes from nothing: rewrites the same keys."""
         return make_snapshot(inp.plan, self.db, self.store, roots=self.roots())
 
+    @activity.defn(name="fetch_base_model")
+    def fetch_base_model(self, inp: FetchModelInput) -> FetchedModel:
+        """Put a Hugging Face Hub model into the artifact store, once per commit. Resumes from
+        the staging folder under home (complete files kept, a partial one continued by Range);
+        an interrupted download fails the attempt as retryable (HubDownloadInterrupted)."""
+        return fetch_from_hub(inp, self.settings, self.db, self.store)
+
     @activity.defn(name="publish")
     def publish(self, inp: PublishInput) -> PublishResult:
         """Copy the final adapter to its versioned key with a lineage manifest."""
         return publish_adapter(inp, self.db, self.store)
 
     def all(self) -> list:
-        return [self.record_event, self.preflight, self.preflight_report, self.snapshot_dataset, self.publish]
+        return [self.record_event, self.preflight, self.preflight_report, self.snapshot_dataset, self.fetch_base_model, self.publish]

@@ -19,10 +19,15 @@ It models what `worker_gpu.recipe_lora` really does, term by term:
 - the eval pass, which runs after the step (activations and gradients freed) on a batch
   of the same size, without autograd.
 
-A micro-batch of several rows is assumed padded (`collate` pads rows to the longest):
-attention then gets an explicit mask, which SDPA converts to the compute dtype and keeps
-per layer, and grouped-query keys and values are repeated to every head before attention.
-A micro-batch of one row is never padded and needs neither.
+A padded micro-batch of several rows (`collate` pads rows to the longest) gives attention
+an explicit mask, which SDPA converts to the compute dtype and keeps per layer, and
+grouped-query keys and values are repeated to every head before attention; a padded
+micro-batch of one row needs neither. Padding-free batching (`worker_gpu/packing.py`)
+always has a mask, the block-diagonal one transformers builds from position_ids, even for
+one row. Its micro-batch is at most micro_batch rows of seq_len tokens, every slot a real
+token but the tail of the shortest rows: so activations are counted by tokens, and the
+peak's micro_batch x seq_len tokens are the same for both (a padded micro-batch peaks
+when its longest row is seq_len; a packed one when the step's tokens fill its rows).
 
 Checked against measured peaks on CPU by `benchmarks/memory_estimate.py`.
 """
@@ -34,6 +39,7 @@ from dataclasses import dataclass
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 METHODS = ("lora", "qlora")
 DEVICES = ("cpu", "cuda")
+BATCHINGS = ("padded", "padding_free")
 
 # NF4: 4 bits per weight, plus one absmax per 64-weight block, itself quantized to 8 bits
 # (double quantization) with one float32 absmax per 256 of those.
@@ -253,15 +259,19 @@ def estimate_training_memory(
     dtype: str = "float32",
     device: str = "cpu",
     lora_dropout: float = 0.05,
+    batching: str = "padded",
 ) -> MemoryEstimate:
     """Predict the peak memory of training a LoRA adapter (and evaluating it) as
-    `worker_gpu.recipe_lora.LoraRecipe` does, on batches of micro_batch x seq_len tokens."""
+    `worker_gpu.recipe_lora.LoraRecipe` does, on batches of micro_batch x seq_len tokens
+    (padded, or padding-free rows of up to seq_len tokens)."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
     if device not in DEVICES:
         raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching {batching!r} is not one of {', '.join(BATCHINGS)}")
     if seq_len < 1 or micro_batch < 1 or lora_r < 1:
         raise ValueError("seq_len, micro_batch and lora_r must be at least 1")
 
@@ -292,19 +302,19 @@ def estimate_training_memory(
     # Activations saved for backward. QLoRA's float32 embeddings make the residual stream
     # float32, and bitsandbytes casts each 4-bit layer's output back to its input's dtype.
     residual = 4 if method == "qlora" else act
+    masked = micro_batch > 1 or batching == "padding_free"  # attention gets an explicit mask
     layer_saved = _layer_saved_bytes(
         shape, targets, lora_r=lora_r, micro_batch=micro_batch, seq_len=seq_len,
-        act=act, residual=residual, device=device, lora_dropout=lora_dropout, dtype=dtype,
+        act=act, residual=residual, device=device, lora_dropout=lora_dropout, dtype=dtype, masked=masked,
     )
     final_norm = tokens * (NORM_SAVED_BYTES * h + 4)
     if "lm_head" in targets:  # a LoRA on the output head keeps its input like any other
         mask_bytes = 1 if device == "cuda" else LORA_PARAM_BYTES
         final_norm += tokens * (act * h + (mask_bytes * h if lora_dropout > 0 else 0) + act * lora_r)
-    # Shared by all layers: the boolean padding mask and the rotary cos/sin. Under
+    # Shared by all layers: the boolean attention mask and the rotary cos/sin. Under
     # autocast, also the compute-dtype copies of float32 weights that backward needs: the
     # LoRA weights, and for QLoRA the float32 output head.
-    padded = micro_batch > 1
-    padding_mask = micro_batch * seq_len * seq_len if padded else 0
+    padding_mask = micro_batch * seq_len * seq_len if masked else 0
     shared = padding_mask + 2 * tokens * shape.head_dim * residual
     if act < 4:
         shared += lora_params * act + (vocab * h * act if method == "qlora" else 0)
@@ -378,6 +388,7 @@ def _layer_saved_bytes(
     device: str,
     lora_dropout: float,
     dtype: str,
+    masked: bool,
 ) -> dict[str, int]:
     """Bytes one decoder layer keeps for backward: "full" for a layer whose input needs a
     gradient, "first" for layer 0 without checkpointing (the frozen embeddings' output
@@ -385,15 +396,14 @@ def _layer_saved_bytes(
     h, inter, heads = shape.hidden_size, shape.intermediate_size, shape.num_heads
     q_dim, kv_dim = heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     tokens = micro_batch * seq_len
-    padded = micro_batch > 1
 
     norms = 2 * (NORM_SAVED_BYTES * h + 4)  # float32 input copy and 1/rms per token
     # SDPA keeps query, key and value (keys and values repeated to every head once a
-    # padding mask is given), its output, a logsumexp per head, and the mask converted to
-    # the compute dtype.
-    kv_saved = q_dim if padded else kv_dim
+    # mask is given), its output, a logsumexp per head, and the mask converted to the
+    # compute dtype.
+    kv_saved = q_dim if masked else kv_dim
     attention = act * (2 * q_dim + 2 * kv_saved) + LOGSUMEXP_BYTES * heads
-    attention_mask = micro_batch * seq_len * seq_len * act if padded else 0
+    attention_mask = micro_batch * seq_len * seq_len * act if masked else 0
     mlp = 3 * inter * residual  # gate output (for SiLU), SiLU output and up output (for the product)
 
     # Each LoRA module: PEFT casts its input to the adapter's float32; dropout keeps its

@@ -163,6 +163,7 @@ def preflight_report(
     errors += _split_errors(split, examples, eval_examples, validation, eval_validation, source, eval_source)
     warnings += _split_warnings(split, eval_examples, source, eval_source)
     values, choices = resolve_simple_defaults(spec, n_train, num_params)
+    values["batching"] = hp.batching or _choose_batching(hardware, choices)
 
     dataset = None
     if examples:
@@ -252,6 +253,18 @@ def preflight_report(
         precision=precision,
     )
     return report
+
+
+def _choose_batching(hardware: HardwareInfo | None, choices: list[Explanation]) -> str:
+    """Padding-free wherever the attention the recipe loads supports it: SDPA and eager build
+    the per-example mask from position_ids (worker_gpu/packing.py), on CPU and on CUDA."""
+    device = "the GPU" if hardware and hardware.device == "cuda" else "the CPU"
+    why = (
+        f"on {device} a padded slot costs as much as a real token; packed rows carry none, and SDPA "
+        "keeps examples apart with the mask transformers builds from position_ids (the same loss as padded)"
+    )
+    choices.append(Explanation(field="batching", value="padding_free", why=why))
+    return "padding_free"
 
 
 def _split_errors(split, examples, eval_examples, validation, eval_validation, source, eval_source) -> list[str]:
@@ -491,6 +504,7 @@ def _plan_memory(spec: RunSpec, shape, max_seq_len: int, hardware: HardwareInfo 
         return estimate_training_memory(
             shape, method=method, lora_r=rank, target_modules=hp.target_modules, seq_len=seq,
             micro_batch=mbs, gradient_checkpointing=gc, dtype=precision, device=device, lora_dropout=hp.lora_dropout,
+            batching=values["batching"],
         )
 
     for gc in checkpointing:

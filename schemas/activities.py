@@ -104,6 +104,11 @@ class TrainingPlan(BaseModel):
         return self.hyperparameters.max_seq_len
 
     @property
+    def batching(self) -> str:
+        """'padded' or 'padding_free' (worker_gpu/packing.py); the same loss either way."""
+        return self.hyperparameters.batching
+
+    @property
     def memory_estimate_bytes(self) -> int | None:
         """Estimated peak training memory at the current micro-batch; None when not estimated."""
         return self.memory_estimates.get(self.micro_batch_size)
@@ -125,6 +130,28 @@ class TrainingPlan(BaseModel):
             update={"micro_batch_size": micro_batch_size, "grad_accum": self.grad_accum * (mbs // micro_batch_size)}
         )
         return self.model_copy(update={"hyperparameters": hp})
+
+
+class FetchModelInput(BaseModel):
+    """Input of fetch_base_model: a Hugging Face Hub repo at a revision, fetched for a run."""
+
+    run_id: str = Field(description="The run whose events report the download.")
+    repo_id: str = Field(description="The Hub repo, e.g. 'Qwen/Qwen2.5-0.5B-Instruct'.")
+    revision: str = Field("main", description="Branch, tag or commit sha; resolved to a commit sha.")
+
+
+class FetchedModel(BaseModel):
+    """A base model in the artifact store at one Hub commit; GPU workers materialise it from here."""
+
+    repo_id: str
+    revision: str = Field(description="The revision as asked for (branch, tag or commit).")
+    commit_sha: str = Field(description="The Hub commit the revision resolved to: the model's lineage.")
+    store_prefix: str = Field(description="Artifact-store prefix of the model (store/layout.py model_prefix).")
+    manifest_key: str = Field(description="Its manifest, written last: every file with its sha256 and size.")
+    manifest_sha256: str
+    files: list[str] = Field(default_factory=list, description="The repo's files, relative to the model directory.")
+    bytes: int = Field(0, description="Total size of the files.")
+    reused: bool = Field(False, description="True when the store already held this commit and nothing was downloaded.")
 
 
 class SnapshotInput(BaseModel):
@@ -192,6 +219,11 @@ class ChunkResult(BaseModel):
     step_losses: list[float] = Field(default_factory=list, description="Loss of each step after from_step.")
     resumed_from_step: int
     seconds: float
+    eval_loss: float | None = Field(
+        None, description="Eval loss at the checkpoint, over the whole eval split; None when the spec does not "
+        "evaluate at checkpoints."
+    )
+    eval_tokens: int | None = Field(None, description="Labelled eval tokens eval_loss is the mean over.")
 
 
 class EvaluateInput(BaseModel):
@@ -200,6 +232,11 @@ class EvaluateInput(BaseModel):
     snapshot: DatasetSnapshot
     checkpoint: CheckpointRef | None = Field(None, description="None evaluates the base model alone.")
     label: str = "baseline"
+    eval_loss: float | None = Field(
+        None, description="The checkpoint's eval loss as train_chunk measured it there: evaluate then only "
+        "generates samples. None measures it."
+    )
+    eval_tokens: int | None = Field(None, description="Labelled eval tokens eval_loss is the mean over.")
 
 
 class EvalSample(BaseModel):

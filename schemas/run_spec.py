@@ -38,6 +38,9 @@ class Preset(str, Enum):
     thorough = "thorough"  # more passes, higher rank, larger batch
 
 
+Batching = Literal["padded", "padding_free"]
+
+
 class Hyperparameters(BaseModel):
     """Training knobs. Leave one unset (null) and preflight chooses it from the preset, the
     model and the dataset, and says why in the preflight report."""
@@ -71,6 +74,11 @@ class Hyperparameters(BaseModel):
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute activations in backward to save memory (default: only when needed to fit)."
     )
+    batching: Batching | None = Field(
+        None,
+        description="'padded' (micro-batches of whole examples, right-padded) or 'padding_free' (examples "
+        "concatenated into rows, no attention or loss across them); the same loss either way (default: by hardware).",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(42, ge=0, description="Seed for LoRA init, data order and dropout.")
 
@@ -94,6 +102,8 @@ class ResolvedHyperparameters(Hyperparameters):
     micro_batch_size: int
     grad_accum: int
     gradient_checkpointing: bool
+    # Plans made before padding-free batching existed trained padded, and keep meaning that.
+    batching: Batching = "padded"
 
 
 class RunSpec(BaseModel):

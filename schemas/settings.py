@@ -99,6 +99,16 @@ class Settings(BaseSettings):
         "refused (upload the dataset instead).",
     )
 
+    # Hugging Face Hub
+    hf_token: SecretStr = Field(
+        SecretStr(""),
+        description="Hugging Face token the workers send when fetching base models (gated or private repos); "
+        "empty: huggingface_hub's own (HF_TOKEN or `hf auth login`).",
+    )
+    hf_endpoint: str | None = Field(
+        None, description="Hugging Face Hub address (a mirror, say); default: huggingface_hub's own (HF_ENDPOINT)."
+    )
+
     heartbeat_every_s: float = Field(3.0, description="How often long activities heartbeat while busy.")
     progress_every_s: float = Field(1.0, description="How often training reports step and loss.")
     heartbeat_timeout_s: float = Field(

@@ -12,6 +12,9 @@ that knows the keys. Everything else asks this module.
         adapter_model.safetensors, adapter_config.json (from the checkpoint)
         README.md                                 the model card
         lockn-manifest.json                       lineage, written last
+    models/<org>--<name>/<commit>/              a base model fetched from the Hugging Face Hub:
+        manifest.json                             written last; the commit, every file's sha256 and size
+        files/                                    the repo's files at that commit, as the Hub serves them
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ CHECKPOINT_CURSOR_FILE = "cursor.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CARD = "README.md"
 ADAPTER_MANIFEST = "lockn-manifest.json"
+
+# Inside a stored base model.
+MODEL_MANIFEST = "manifest.json"
+MODEL_FILES_DIR = "files"
 
 STEP_DIGITS = 9
 
@@ -89,3 +96,22 @@ def adapter_prefix(run_id: str) -> str:
 
 def adapter_manifest_key(run_id: str) -> str:
     return f"{adapter_prefix(run_id)}/{ADAPTER_MANIFEST}"
+
+
+def model_folder(repo_id: str) -> str:
+    """A Hub repo's folder name: 'org/name' becomes 'org--name', as in the Hugging Face cache.
+    Unambiguous, since the Hub refuses '--' inside repo ids."""
+    return repo_id.replace("/", "--")
+
+
+def model_prefix(repo_id: str, commit_sha: str) -> str:
+    """A base model's files at one Hub commit: content-addressed, so a cluster stores it once."""
+    return f"models/{model_folder(repo_id)}/{commit_sha}"
+
+
+def model_manifest_key(repo_id: str, commit_sha: str) -> str:
+    return f"{model_prefix(repo_id, commit_sha)}/{MODEL_MANIFEST}"
+
+
+def model_file_key(repo_id: str, commit_sha: str, rel: str) -> str:
+    return f"{model_prefix(repo_id, commit_sha)}/{MODEL_FILES_DIR}/{rel}"

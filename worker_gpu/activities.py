@@ -2,7 +2,9 @@
 inspect_hardware, answered on the light hardware queue too so it never waits behind them.
 
 train_chunk resumes from the newest committed checkpoint in the artifact store, whichever
-worker wrote it; heartbeat details only report progress.
+worker wrote it; heartbeat details only report progress. The base model stays loaded
+between the activities of a run (BaseModelCache); everything else a chunk starts from comes
+from the checkpoint.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import structlog
@@ -35,6 +38,7 @@ from store.checkpoints import (
     prune_checkpoints,
 )
 from store.layout import CHECKPOINT_ADAPTER_DIR
+from worker_gpu.model_cache import BaseModelCache
 
 SAMPLES = 3
 
@@ -44,6 +48,7 @@ log = structlog.get_logger(__name__)
 class GpuActivities:
     def __init__(self, settings: Settings, db: BlockingDatabase, store: ArtifactStore):
         self.settings, self.db, self.store = settings, db, store
+        self.base_models = BaseModelCache()
         (settings.home / "tmp").mkdir(parents=True, exist_ok=True)
 
     def _workdir(self):
@@ -82,23 +87,27 @@ class GpuActivities:
         def heartbeats() -> Heartbeater:
             return Heartbeater(self.settings.heartbeat_every_s, lambda: dict(state))
 
-        with self._workdir() as tmp, metrics.training(inp.run_id):
+        with self._workdir() as tmp, metrics.training(inp.run_id), ExitStack() as held:
             tmp = Path(tmp)
             with heartbeats():
                 found = fetch_latest_checkpoint(self.store, inp.run_id, tmp / "in")
                 if found:
-                    ref, _, ckpt_dir = found
+                    ref, manifest, ckpt_dir = found
                     state.update(step=ref.step, checkpoint=ref.manifest_key)
                     if ref.step >= inp.until_step:  # a retry after the commit: nothing left to do
                         losses = checkpoint_losses(self.store, inp.run_id, ref.step)[inp.from_step :]
+                        meta = manifest.get("meta", {})
                         return ChunkResult(
                             checkpoint=ref, step=ref.step, loss=_mean(losses), step_losses=losses,
                             resumed_from_step=ref.step, seconds=time.monotonic() - started,
+                            eval_loss=meta.get("eval_loss"), eval_tokens=meta.get("eval_tokens"),
                         )
                 rows = self._fetch_rows(inp.snapshot.train_uri, inp.snapshot.train_sha256, tmp / "train.jsonl")
                 faults.kill_point(self.settings, "model_load")
                 recipe = LoraRecipe(inp.plan, rows, pick_device())
                 metrics.reset_gpu_peak(recipe.device)  # the peak gauge is this chunk's
+                # Held until the chunk is committed; given back clean, or dropped if the chunk fails.
+                base = held.enter_context(self.base_models.borrow(inp.run_id, inp.plan, recipe.device))
             attempt = activity.info().attempt
 
             def resumed(step: int) -> None:
@@ -147,6 +156,7 @@ class GpuActivities:
                     started=resumed,
                     before_step=faults.injected_oom(self.settings, inp.plan.micro_batch_size),
                     after_step=after_step,
+                    base=base,
                 )
             except StepOutOfMemory as exc:
                 # Not retried as is: the workflow retries with a smaller micro-batch.
@@ -156,7 +166,10 @@ class GpuActivities:
             commit_started = time.monotonic()
             ref = commit_checkpoint(
                 self.store, inp.run_id, chunk.step, chunk.staging_dir,
-                meta={"hardware": hardware(), "resumed_from_step": chunk.resumed_from, "eval_loss": chunk.eval_loss},
+                meta={
+                    "hardware": hardware(), "resumed_from_step": chunk.resumed_from,
+                    "eval_loss": chunk.eval_loss, "eval_tokens": chunk.eval_tokens,
+                },
                 before_manifest=lambda: faults.kill_point(self.settings, "checkpoint_write"),
             )
             # Writing plus committing; the eval in between is not checkpoint time.
@@ -181,18 +194,20 @@ class GpuActivities:
         return ChunkResult(
             checkpoint=ref, step=ref.step, loss=_mean(chunk.losses), step_losses=chunk.losses,
             resumed_from_step=chunk.resumed_from, seconds=time.monotonic() - started,
+            eval_loss=chunk.eval_loss, eval_tokens=chunk.eval_tokens,
         )
 
     @activity.defn(name="evaluate")
     def evaluate(self, inp: EvaluateInput) -> EvalResult:
         """Eval loss of the base model, or of base + the checkpoint's adapter, on the eval split;
-        plus a few greedy samples. Resumes from nothing: it is read-only.
+        plus a few greedy samples. Resumes from nothing: it is read-only. With inp.eval_loss (the
+        checkpoint's own eval, measured by the chunk that committed it) it only generates samples.
 
         Bounded by the plan: rows are cut to max_seq_len, sample prompts to their last tokens
         and answers to the spec's max_new_tokens. Cancel and worker shutdown stop it between
         batches and between generated tokens (within one heartbeat interval)."""
         from worker_gpu import faults
-        from worker_gpu.model_loading import attach_adapter, load_base_model, pick_device, plan_dtype
+        from worker_gpu.model_loading import attach_adapter, pick_device, plan_dtype
         from worker_gpu.recipe_lora import eval_loss
         from worker_gpu.samples import clip_start, generate_sample
 
@@ -204,20 +219,30 @@ class GpuActivities:
             _stop_if_asked(f"{inp.label} evaluation")
 
         max_len = inp.plan.max_seq_len
-        with self._workdir() as tmp, Heartbeater(self.settings.heartbeat_every_s, lambda: {"label": inp.label}):
+        device = pick_device()
+        with (
+            self._workdir() as tmp,
+            Heartbeater(self.settings.heartbeat_every_s, lambda: {"label": inp.label}),
+            self.base_models.borrow(inp.run_id, inp.plan, device) as model,
+        ):
             tmp = Path(tmp)
             rows = self._fetch_rows(inp.snapshot.eval_uri, inp.snapshot.eval_sha256, tmp / "eval.jsonl")
             # The snapshot already cuts rows to max_seq_len; this keeps evaluate bounded whatever wrote it.
             rows = [{**r, "input_ids": r["input_ids"][:max_len], "labels": r["labels"][:max_len]} for r in rows]
-            device = pick_device()
-            model = load_base_model(inp.plan, device)
             if inp.checkpoint is not None:
                 found = fetch_checkpoint(self.store, inp.run_id, inp.checkpoint.step, tmp / "ckpt")
                 if found is None:
                     raise RuntimeError(f"checkpoint at step {inp.checkpoint.step} is missing or corrupt")
                 # Loading the saved PEFT adapter here is also the check that the export loads.
                 model = attach_adapter(model, inp.plan, tmp / "ckpt" / CHECKPOINT_ADAPTER_DIR, trainable=False)
-            loss, tokens = eval_loss(model, rows, inp.plan.micro_batch_size, device, plan_dtype(inp.plan, device), between_batches=between)
+            if inp.eval_loss is not None and inp.eval_tokens is not None:
+                loss, tokens = inp.eval_loss, inp.eval_tokens
+            else:
+                # Batched as the chunk's checkpoint eval is, so the two measure the same way.
+                loss, tokens = eval_loss(
+                    model, rows, inp.plan.micro_batch_size, device, plan_dtype(inp.plan, device), between_batches=between,
+                    batching=inp.plan.batching, max_seq_len=max_len,
+                )
             tokenizer = load_tokenizer(inp.plan.base_model_path)
             samples = []
             for row in rows[:SAMPLES]:

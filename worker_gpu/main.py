@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager, closing
 from datetime import timedelta
@@ -40,11 +40,15 @@ log = structlog.get_logger(__name__)
 class GpuWorker:
     """The training worker on the GPU queue (one activity at a time) and, beside it, a light
     worker on the hardware queue that only answers inspect_hardware, on its own threads, so
-    hardware reports and dry runs never wait behind training. `async with` runs both."""
+    hardware reports and dry runs never wait behind training. `async with` runs both, and
+    frees the base model kept loaded between chunks (release_models) once both have stopped."""
 
-    def __init__(self, training: Worker, hardware: Worker, hardware_executor: ThreadPoolExecutor):
+    def __init__(
+        self, training: Worker, hardware: Worker, hardware_executor: ThreadPoolExecutor, release_models: Callable[[], None]
+    ):
         self.training, self.hardware = training, hardware
         self._hardware_executor = hardware_executor
+        self._release_models = release_models
         self._stack: AsyncExitStack | None = None
 
     @property
@@ -53,6 +57,7 @@ class GpuWorker:
 
     async def __aenter__(self) -> "GpuWorker":
         async with AsyncExitStack() as stack:
+            stack.callback(self._release_models)
             stack.callback(self._hardware_executor.shutdown, wait=False)
             await stack.enter_async_context(self.hardware)
             await stack.enter_async_context(self.training)
@@ -100,7 +105,7 @@ def build_worker(
         graceful_shutdown_timeout=timedelta(seconds=10),
         interceptors=[ActivityTelemetry()],
     )
-    return GpuWorker(training, hardware, hardware_executor)
+    return GpuWorker(training, hardware, hardware_executor, activities.base_models.release)
 
 
 def sdk_metrics_port(settings: Settings) -> int | None:

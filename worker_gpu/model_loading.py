@@ -36,6 +36,15 @@ def plan_dtype(plan: TrainingPlan, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if plan.precision == "bfloat16" else torch.float32
 
 
+def base_model_key(plan: TrainingPlan, device: torch.device) -> tuple:
+    """Everything load_base_model reads: two plans with the same key load the same model
+    (the worker's BaseModelCache keeps one). A new input of load_base_model belongs here."""
+    return (
+        plan.base_model_path, plan.base_model_revision, plan.spec.method.value, plan.precision,
+        plan.hp.gradient_checkpointing, str(device),
+    )
+
+
 def load_base_model(plan: TrainingPlan, device: torch.device):
     """The base model as the plan says: NF4 4-bit for QLoRA, compute dtype otherwise."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -27,6 +27,7 @@ from activities.dataset_render import IGNORE
 from schemas.activities import TrainingPlan
 from store.layout import CHECKPOINT_ADAPTER_DIR, CHECKPOINT_CURSOR_FILE, CHECKPOINT_STATE_FILE
 from worker_gpu.model_loading import attach_adapter, load_base_model, plan_dtype
+from worker_gpu.packing import packed_micro_batches
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -53,10 +54,25 @@ def label_tokens(rows: list[dict]) -> int:
     return sum(sum(1 for t in r["labels"][1:] if t != IGNORE) for r in rows)
 
 
+def micro_batches(
+    examples: list[dict], micro_batch_size: int, max_seq_len: int, batching: str, device: torch.device
+) -> list[dict[str, torch.Tensor]]:
+    """The forward passes over examples: padded micro-batches of micro_batch_size examples, or
+    padding-free rows packed up to micro_batch_size x max_seq_len tokens (worker_gpu/packing.py)."""
+    if batching == "padding_free":
+        return packed_micro_batches(examples, micro_batch_size, max_seq_len, device)
+    return [collate(examples[i : i + micro_batch_size], device) for i in range(0, len(examples), micro_batch_size)]
+
+
 def summed_loss(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Sum of token cross-entropies over the labelled tokens of a batch."""
+    """Sum of token cross-entropies over the labelled tokens of a batch, padded (attention_mask)
+    or packed (position_ids, no mask). No cache: training needs none, and a cache would stop
+    transformers from building the packed rows' block-diagonal mask."""
     with torch.autocast(batch["input_ids"].device.type, dtype=dtype, enabled=dtype != torch.float32):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"), use_cache=False,
+        ).logits
     logits = logits[:, :-1].float()
     target = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -74,6 +90,7 @@ class ChunkOutcome:
     resumed_from: int  # the step of the checkpoint it set up from (0 when fresh)
     losses: list[float]  # the loss of every step after from_step, up to step
     eval_loss: float | None  # at the checkpoint, when the plan evaluates at checkpoints
+    eval_tokens: int | None  # the labelled eval tokens eval_loss is the mean over
     staging_dir: Path
     save_seconds: float  # writing the checkpoint into staging_dir
 
@@ -97,11 +114,13 @@ class LoraRecipe:
 
     # setup
 
-    def setup(self, checkpoint_dir: Path | None) -> None:
-        """Load the base model and the adapter; restore optimizer, scheduler, RNG and cursor."""
+    def setup(self, checkpoint_dir: Path | None, base=None) -> None:
+        """Load the base model (or take base, already loaded for this plan and untouched by any
+        adapter) and attach the adapter; restore optimizer, scheduler, RNG and cursor."""
         from transformers import get_scheduler
 
-        base = load_base_model(self.plan, self.device)
+        if base is None:
+            base = load_base_model(self.plan, self.device)
         adapter_dir = checkpoint_dir / CHECKPOINT_ADAPTER_DIR if checkpoint_dir else None
         self.model = attach_adapter(base, self.plan, adapter_dir, trainable=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -157,17 +176,17 @@ class LoraRecipe:
     # train
 
     def train_step(self) -> float:
-        """One optimizer step over micro_batch_size x grad_accum examples; returns its mean token loss."""
+        """One optimizer step over micro_batch_size x grad_accum examples; returns its mean token loss.
+        Padded or padding-free (the plan's batching), a step is the same examples and the same loss."""
         started = time.perf_counter()
         self.model.train()
-        mbs = self.plan.micro_batch_size
-        examples = self._next_examples(mbs * self.plan.grad_accum)
-        micro = [examples[i : i + mbs] for i in range(0, len(examples), mbs)]
+        plan = self.plan
+        examples = self._next_examples(plan.micro_batch_size * plan.grad_accum)
         # Normalise by the labelled tokens of the whole step, so accumulation equals one big batch.
         n_tokens = max(1, label_tokens(examples))
         total = 0.0
-        for rows in micro:
-            loss = summed_loss(self.model, collate(rows, self.device), self.dtype)
+        for batch in micro_batches(examples, plan.micro_batch_size, plan.max_seq_len, plan.batching, self.device):
+            loss = summed_loss(self.model, batch, self.dtype)
             (loss / n_tokens).backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.hp.max_grad_norm)
@@ -233,6 +252,7 @@ class LoraRecipe:
         started: Callable[[int], None] = lambda step: None,
         before_step: Callable[[], None] | None = None,
         after_step: Callable[[int, float], bool] = lambda step, loss: False,
+        base=None,
     ) -> ChunkOutcome:
         """Set up from checkpoint_dir (None: fresh), train to until_step, save the checkpoint
         into staging_dir, and evaluate it on eval_rows() when the plan evaluates at checkpoints.
@@ -241,9 +261,10 @@ class LoraRecipe:
         after it (more than it trained when checkpoint_dir is further on). The hooks: the model
         loads inside `loading` (the caller heartbeats there); started(step) runs once set up,
         with the step it resumes from; before_step and after_step as in `train`. A step that
-        runs out of memory raises StepOutOfMemory, with the recipe cleaned up."""
+        runs out of memory raises StepOutOfMemory, with the recipe cleaned up. base: the base
+        model already loaded for this plan (the worker keeps it between chunks); None loads it."""
         with loading:
-            self.setup(checkpoint_dir)
+            self.setup(checkpoint_dir, base)
         resumed_from = self.step
         started(resumed_from)
         try:
@@ -259,13 +280,17 @@ class LoraRecipe:
         save_started = time.monotonic()
         self.save_checkpoint(staging_dir)
         save_seconds = time.monotonic() - save_started
-        loss_at_checkpoint = None
+        loss_at_checkpoint = tokens_at_checkpoint = None
         if self.plan.spec.eval_at_checkpoints:
             rows = eval_rows()
-            loss_at_checkpoint, _ = eval_loss(self.model, rows, self.plan.micro_batch_size, self.device, self.dtype)
+            loss_at_checkpoint, tokens_at_checkpoint = eval_loss(
+                self.model, rows, self.plan.micro_batch_size, self.device, self.dtype,
+                batching=self.plan.batching, max_seq_len=self.plan.max_seq_len,
+            )
         return ChunkOutcome(
             step=self.step, resumed_from=resumed_from, losses=self.losses[from_step:],
-            eval_loss=loss_at_checkpoint, staging_dir=staging_dir, save_seconds=save_seconds,
+            eval_loss=loss_at_checkpoint, eval_tokens=tokens_at_checkpoint, staging_dir=staging_dir,
+            save_seconds=save_seconds,
         )
 
     def cleanup(self) -> None:
@@ -283,17 +308,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
 @torch.no_grad()
 def eval_loss(
     model, rows: list[dict], batch_size: int, device: torch.device, dtype: torch.dtype,
-    between_batches: Callable[[], None] | None = None,
+    between_batches: Callable[[], None] | None = None, *, batching: str = "padded", max_seq_len: int | None = None,
 ) -> tuple[float, int]:
     """Mean token loss over the labelled tokens of rows in the compute dtype (the plan's),
     and how many tokens that is. between_batches() runs before every batch: it raises to stop
-    (cancel, shutdown)."""
+    (cancel, shutdown). batching "padding_free" packs batch_size rows of max_seq_len tokens
+    per forward pass; max_seq_len None: the longest row."""
     model.eval()
-    total, tokens = 0.0, 0
-    for i in range(0, len(rows), batch_size):
+    width = max_seq_len or max((len(r["input_ids"]) for r in rows), default=1)
+    total = 0.0
+    for batch in micro_batches(rows, batch_size, width, batching, device):
         if between_batches is not None:
             between_batches()
-        chunk = rows[i : i + batch_size]
-        total += summed_loss(model, collate(chunk, device), dtype).item()
-        tokens += label_tokens(chunk)
+        total += summed_loss(model, batch, dtype).item()
+    tokens = label_tokens(rows)
     return total / max(1, tokens), tokens

@@ -38,6 +38,8 @@ with workflow.unsafe.imports_passed_through():
 
 # Runs started before the hardware queue asked for the hardware on the GPU queue, behind training.
 HARDWARE_QUEUE_PATCH = "inspect-hardware-on-hardware-queue"
+# Runs started before this measured the tuned eval loss again after the last chunk had measured it.
+TUNED_EVAL_PATCH = "tuned-eval-reuses-checkpoint-eval"
 
 # User errors fail at once; anything else (a lost worker, a locked DB) is retried.
 RETRY = RetryPolicy(
@@ -140,8 +142,8 @@ class TuneLLM:
                 run_id=inp.run_id, state=RunState.training, step=carry.step, total_steps=carry.plan.total_steps,
                 loss=carry.loss, baseline_eval_loss=carry.baseline.loss, pause_requested=self._pause_requested,
             )
-        await self._train(inp, carry)
-        return await self._finish(inp, carry)
+        last = await self._train(inp, carry)
+        return await self._finish(inp, carry, last)
 
     async def _prepare(self, inp: RunInput) -> RunCarry:
         """Preflight, dataset snapshot and baseline eval."""
@@ -185,10 +187,12 @@ class TuneLLM:
         await self._enter(RunState.training, f"baseline eval loss {baseline.loss:.4f}", baseline_eval_loss=baseline.loss)
         return RunCarry(plan=plan, snapshot=snapshot, baseline=baseline, step=0, seq=self._seq)
 
-    async def _train(self, inp: RunInput, carry: RunCarry) -> None:
+    async def _train(self, inp: RunInput, carry: RunCarry) -> ChunkResult | None:
         """The chunk loop: one committed checkpoint per chunk; pause, cancel and
-        continue-as-new only between chunks."""
+        continue-as-new only between chunks. Returns the last chunk (None when this run of
+        the workflow trained none)."""
         plan = carry.plan
+        chunk = None
         while carry.step < plan.total_steps:
             if self._pause_requested:
                 await self._enter(RunState.paused, f"paused at step {carry.step}; the GPU is free")
@@ -225,6 +229,7 @@ class TuneLLM:
                 raise ApplicationError(f"train_chunk went back from step {carry.step} to {chunk.step}", non_retryable=True)
             carry.step, carry.loss, carry.checkpoint = chunk.step, chunk.loss, chunk.checkpoint
             self._status.step, self._status.loss = chunk.step, chunk.loss
+        return chunk
 
     async def _smaller_micro_batch(self, plan: TrainingPlan, reason: str) -> TrainingPlan:
         """Half the micro-batch (or the next divisor), more accumulation: the same effective batch.
@@ -247,13 +252,25 @@ class TuneLLM:
         )
         return new
 
-    async def _finish(self, inp: RunInput, carry: RunCarry) -> RunResult:
-        """Tuned eval and publish."""
+    async def _finish(self, inp: RunInput, carry: RunCarry, last: ChunkResult | None) -> RunResult:
+        """Tuned eval and publish. The tuned eval loss is the one the last chunk measured at its
+        checkpoint, when it did; evaluate then only adds the samples."""
         plan, snapshot, baseline = carry.plan, carry.snapshot, carry.baseline
         await self._enter(RunState.evaluating, f"trained {carry.step} steps, last chunk loss {carry.loss:.4f}")
+        measured = {}
+        if (
+            workflow.patched(TUNED_EVAL_PATCH)
+            and last is not None
+            and last.checkpoint == carry.checkpoint
+            and last.eval_loss is not None
+            and last.eval_tokens is not None
+        ):
+            measured = {"eval_loss": last.eval_loss, "eval_tokens": last.eval_tokens}
         tuned = await self._gpu(
             "evaluate",
-            EvaluateInput(run_id=inp.run_id, plan=plan, snapshot=snapshot, checkpoint=carry.checkpoint, label="tuned"),
+            EvaluateInput(
+                run_id=inp.run_id, plan=plan, snapshot=snapshot, checkpoint=carry.checkpoint, label="tuned", **measured
+            ),
             EvalResult,
         )
         await self._enter(RunState.publishing, f"tuned eval loss {tuned.loss:.4f}", tuned_eval_loss=tuned.loss)

@@ -137,7 +137,17 @@ def test_a_config_without_a_needed_key_says_which():
         ModelShape.from_config({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}, 1)
 
 
+def test_padding_free_always_masks_attention_and_counts_the_same_tokens():
+    """A packed micro-batch of one row still gets the block-diagonal mask (and repeated keys
+    and values); at several rows its budget of tokens is the padded batch's slots."""
+    one = estimate(TINY, micro_batch=1, seq_len=512, dtype="float32", device="cpu")
+    packed_one = estimate(TINY, micro_batch=1, seq_len=512, dtype="float32", device="cpu", batching="padding_free")
+    assert packed_one.activations > one.activations and packed_one.logits == one.logits
+    four = dict(micro_batch=4, seq_len=512, dtype="float32", device="cpu")
+    assert estimate(TINY, **four, batching="padding_free").total == estimate(TINY, **four).total
+
+
 def test_unknown_method_dtype_or_device_is_refused():
-    for bad in (dict(method="full"), dict(dtype="int8"), dict(device="tpu")):
+    for bad in (dict(method="full"), dict(dtype="int8"), dict(device="tpu"), dict(batching="packed")):
         with pytest.raises(ValueError):
             estimate(**bad)

@@ -37,7 +37,7 @@ def test_every_unset_knob_gets_a_value_and_a_reason(tiny_model, datasets):
     assert r.ok, r.errors
     chosen = {d.field: d for d in r.defaults}
     for field in ("epochs", "learning_rate", "warmup_ratio", "lora_r", "lora_alpha", "max_seq_len",
-                  "micro_batch_size", "grad_accum", "gradient_checkpointing"):
+                  "micro_batch_size", "grad_accum", "gradient_checkpointing", "batching"):
         assert field in chosen and chosen[field].why, field
     hp = r.plan.hyperparameters
     assert hp.epochs == 5  # 102 train rows: under 300
@@ -246,6 +246,15 @@ def test_memory_picks_the_largest_micro_batch_that_fits(tiny_model, datasets):
     r = report(tiny_model, datasets["instruction"], hardware=gpu, hyperparameters={"max_seq_len": 256})
     assert r.ok, r.errors
     assert (r.plan.micro_batch_size, r.plan.grad_accum) == (4, 4)
+
+
+def test_batching_is_padding_free_unless_the_spec_says_padded(tiny_model, datasets):
+    r = report(tiny_model, datasets["instruction"])
+    chosen = {d.field: d for d in r.defaults}
+    assert r.plan.batching == "padding_free" and chosen["batching"].value == "padding_free"
+    assert "CPU" in chosen["batching"].why and "position_ids" in chosen["batching"].why
+    r = report(tiny_model, datasets["instruction"], hyperparameters={"batching": "padded"})
+    assert r.plan.batching == "padded" and "batching" not in {d.field for d in r.defaults}
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

@@ -37,7 +37,10 @@ def spec_for(tiny_model: Path, data: Path, name: str) -> dict:
     return {
         "project": "faults", "name": name, "base_model": str(tiny_model), "dataset": str(data),
         "checkpoint_every_steps": 20,
-        "hyperparameters": {"max_steps": 80, "learning_rate": 3e-3, "max_seq_len": 96, "micro_batch_size": 8, "grad_accum": 1},
+        "hyperparameters": {
+            "max_steps": 80, "learning_rate": 3e-3, "max_seq_len": 96, "micro_batch_size": 8, "grad_accum": 1,
+            "batching": "padding_free",  # preflight's choice on CPU, pinned: kills with packed rows resume exactly too
+        },
     }
 
 

@@ -7,39 +7,19 @@ from that staging directory continues bit for bit; injected faults come in throu
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import pytest
-import torch
 
-from activities.preflight import preflight_report
-from activities.snapshot import snapshot_dataset
-from schemas.hardware import HardwareInfo
-from schemas.run_spec import RunSpec
 from schemas.settings import Settings
-from store.artifacts import LocalArtifactStore
 from store.layout import CHECKPOINT_ADAPTER_DIR, CHECKPOINT_CURSOR_FILE, CHECKPOINT_STATE_FILE
+from tests.worker_gpu.planned import CPU_DEVICE, plan_and_rows
 from worker_gpu import faults
 from worker_gpu.recipe_lora import LoraRecipe, StepOutOfMemory
-
-ROOTS = (Path(tempfile.gettempdir()).resolve(),)
-CPU = {"device": "cpu", "cpu_count": 2, "memory_available_bytes": 16 * 2**30, "bitsandbytes_usable": True, "disk_free_bytes": 2**40}
-CPU_DEVICE = torch.device("cpu")
 
 
 @pytest.fixture
 def planned(tiny_model, datasets, tmp_path):
-    spec = RunSpec.model_validate({
-        "base_model": str(tiny_model), "dataset": str(datasets["instruction"]), "eval_at_checkpoints": True,
-        "hyperparameters": {"max_steps": 4, "max_seq_len": 96, "micro_batch_size": 2, "grad_accum": 2, "lora_r": 4},
-    })
-    report = preflight_report("run_chunk", spec, db=None, store=None, hardware=HardwareInfo(**CPU), roots=ROOTS)
-    assert report.ok, report.errors
-    store = LocalArtifactStore(tmp_path / "store")
-    snap = snapshot_dataset(report.plan, None, store, roots=ROOTS)
-    read = lambda uri: [json.loads(x) for x in store.local_file(uri).read_text().splitlines()]  # noqa: E731
-    return report.plan, read(snap.train_uri), read(snap.eval_uri)
+    return plan_and_rows("run_chunk", tiny_model, datasets["instruction"], tmp_path / "store")
 
 
 def test_a_chunk_resumed_from_its_staging_directory_continues_bit_for_bit(planned, tmp_path):

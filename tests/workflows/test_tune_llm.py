@@ -54,6 +54,8 @@ async def test_lora_run_learns_and_publishes_a_loadable_adapter(any_stack, tiny_
     assert committed_steps(stack.store, run.id) == [24]
     evals = [e.data["eval_loss"] for e in stack.db.events(run.id) if e.kind == "progress" and "eval_loss" in e.data]
     assert len(evals) == 3 and evals[-1] < evals[0]
+    # The tuned eval loss is the last checkpoint's eval, not measured a second time.
+    assert run.tuned_eval_loss == evals[-1]
 
     assert run.adapter_uri.startswith("s3://" if stack.settings.artifact_store == "s3" else "file://")
     adapter = adapter_dir(stack, run, tmp_path)
@@ -104,6 +106,7 @@ def test_qlora_loads_the_base_in_nf4(tiny_model):
     spec = small_spec(tiny_model, "unused.jsonl", method="qlora")
     hp = ResolvedHyperparameters(**{
         **spec.hyperparameters.model_dump(), "epochs": 1, "warmup_ratio": 0.0, "gradient_checkpointing": False,
+        "batching": "padded",
     })
     plan = TrainingPlan.model_construct(spec=spec, base_model_path=str(tiny_model), hyperparameters=hp)
     model = load_base_model(plan, pick_device())
