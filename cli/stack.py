@@ -367,7 +367,17 @@ class Stack:
         host, port = settings.temporal_address.rsplit(":", 1)
         self.temporal_host, self.temporal_port = host, int(port)
         py = sys.executable
+        # The API first: it needs nothing else to listen, and once it holds its port the
+        # Temporal dev server (which takes random free ports for its internal services)
+        # cannot take that port from it.
         self.services = [
+            Service(
+                "api",
+                [py, "-m", "uvicorn", "api.app:create_app", "--factory",
+                 "--host", settings.api_host, "--port", str(settings.api_port), "--log-level", "warning"],
+                port=settings.api_port,
+                stop_timeout=STOP_TIMEOUT["api"],
+            ),
             Service(
                 "temporal",
                 [
@@ -383,13 +393,6 @@ class Stack:
                 port=int(port),
                 stop_timeout=STOP_TIMEOUT["temporal"],
             ),
-            Service(
-                "api",
-                [py, "-m", "uvicorn", "api.app:create_app", "--factory",
-                 "--host", settings.api_host, "--port", str(settings.api_port), "--log-level", "warning"],
-                port=settings.api_port,
-                stop_timeout=STOP_TIMEOUT["api"],
-            ),
             Service("worker_cpu", [py, "-m", "worker_cpu.main"], stop_timeout=STOP_TIMEOUT["worker_cpu"]),
             # A chunk in flight finishes its step and commits a checkpoint before the worker exits.
             Service("worker_gpu", [py, "-m", "worker_gpu.main"], stop_timeout=STOP_TIMEOUT["worker_gpu"]),
@@ -400,7 +403,6 @@ class Stack:
         see exactly what the supervisor was given (database, store, auth, ports)."""
         env = dict(os.environ)
         env.update(settings_env(self.settings.model_copy(update={"log_json": True})))
-        env["HF_HUB_OFFLINE"] = env.get("HF_HUB_OFFLINE", "1")
         env["PYTHONUNBUFFERED"] = "1"
         # Run from the source tree so `python -m api...` finds the packages either way.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
@@ -483,7 +485,7 @@ class Stack:
     def stop(self) -> None:
         """Workers and API first (a running chunk checkpoints), Temporal last; then forget
         them (pids.json, stack.json) and give the home up."""
-        for svc in reversed(self.services):
+        for svc in sorted(self.services, key=lambda s: STOP_ORDER.index(s.name)):
             if svc.proc is None or svc.proc.poll() is not None:
                 continue
             svc.proc.send_signal(signal.SIGTERM)

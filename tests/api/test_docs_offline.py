@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -20,6 +19,7 @@ import uvicorn
 
 from api.app import create_app
 from schemas.settings import Settings
+from tests.stack_process import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -77,12 +77,6 @@ async def test_docs_pages_load_nothing_from_other_hosts(app, page):
             assert EXPECTED_TYPES[ext] in asset.headers["content-type"], (url, asset.headers["content-type"])
             assert len(asset.content) > 1000, url  # the real bundle, not an error page
         assert (await api.get("/openapi.json")).json()["info"]["title"] == "LockN Tune"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_swagger_ui_renders_the_operations_in_a_browser_that_cannot_reach_any_other_host(tmp_path):
