@@ -21,7 +21,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lockn-tune demo --home $(HOME_DIR)
 
 up: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/lockn-tune up --home $(HOME_DIR) --allow-dir $(CURDIR)
+	$(BIN)/lockn-tune up --home $(HOME_DIR) --allow-dir $(CURDIR)
 
 # Debian packages the tests use: PostgreSQL's server (the tests start a throwaway cluster on
 # loopback themselves), Prometheus's promtool (checks deploy/prometheus) and Chromium (a

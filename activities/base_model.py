@@ -36,6 +36,7 @@ class ResolvedBaseModel:
     path: Path
     revision: str  # hub commit, or sha256 over the local weight files
     config: dict
+    manifest_key: str | None = None  # the artifact-store manifest of a model fetched from the Hub
 
 
 def local_model_dir(name: str, roots: Sequence[Path]) -> Path | None:
@@ -55,9 +56,37 @@ def local_model_dir(name: str, roots: Sequence[Path]) -> Path | None:
     return candidate if within_roots(candidate, roots) and candidate.is_dir() else None
 
 
+def cached_snapshot(name: str) -> Path | None:
+    """The folder of a Hub id in this worker's Hugging Face cache; None when it is not there
+    (or `name` is no valid repo id)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        return None
+
+
+def fetched_from_hub(name: str, roots: Sequence[Path]) -> bool:
+    """Whether a run's base_model comes from the Hub (fetch_base_model): a valid repo id that
+    names no local folder under the roots and no model in this worker's Hugging Face cache.
+    Anything else is resolve_base_model's, which finds it or says what is wrong with it."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        if local_model_dir(name, roots) is not None:
+            return False
+        validate_repo_id(name)
+    except (PathRefused, HFValidationError):
+        return False
+    return cached_snapshot(name) is None
+
+
 def resolve_base_model(name: str, *, roots: Sequence[Path] = ()) -> ResolvedBaseModel:
     """A local model directory under the allowed roots, or a hub id already in the local
-    Hugging Face cache. A folder outside the roots is refused before anything in it is read."""
+    Hugging Face cache. A folder outside the roots is refused before anything in it is read.
+    A run fetches any other Hub id first (activities/hub_fetch.py stored_base_model)."""
     try:
         path = local_model_dir(name, roots)
     except PathRefused as exc:
@@ -72,21 +101,24 @@ def resolve_base_model(name: str, *, roots: Sequence[Path] = ()) -> ResolvedBase
             )
         revision = weights_sha256(path)
     else:
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = Path(snapshot_download(name, local_files_only=True))
-        except Exception:
+        path = cached_snapshot(name)
+        if path is None:
             raise user_error(
                 f"base_model {name!r} is neither a local directory under the allowed folders nor in this worker's "
-                f"Hugging Face cache, and this service does not download weights while a run starts; run "
-                f"`hf download {name}` on the worker first, or give the absolute path of a local directory"
-            ) from None
+                f"Hugging Face cache; a run fetches a Hugging Face model id (org/name) from the Hub before its "
+                f"preflight, a dry run does not: start the run, run `hf download {name}` on the worker, or give "
+                "the absolute path of a local directory"
+            )
         revision = path.name
+    return model_in_folder(name, path, revision)
+
+
+def model_in_folder(name: str, path: Path, revision: str, manifest_key: str | None = None) -> ResolvedBaseModel:
+    """The base model in a folder that holds its config.json, refused when it has no weights."""
     config = json.loads((path / "config.json").read_text())
     if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
         raise user_error(f"base_model {name!r} has no weight files (*.safetensors or *.bin) in {path}")
-    return ResolvedBaseModel(path=path, revision=revision, config=config)
+    return ResolvedBaseModel(path=path, revision=revision, config=config, manifest_key=manifest_key)
 
 
 def weights_sha256(path: Path) -> str:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from temporalio import activity
 
+from activities.base_model import fetched_from_hub
 from activities.errors import user_error
 from activities.hub_fetch import fetch_base_model as fetch_from_hub
+from activities.hub_fetch import stored_base_model, with_local_base_model
 from activities.local_paths import allowed_roots
-from activities.preflight import preflight_report
+from activities.preflight import matrix_memory_refusal, preflight_report
 from activities.publish import publish_adapter
 from activities.snapshot import snapshot_dataset as make_snapshot
 from schemas.activities import (
@@ -64,7 +66,8 @@ class CpuActivities:
     def preflight(self, inp: PreflightInput) -> TrainingPlan:
         """Resolve model, data, config and hardware into a plan, or fail with what to change.
         The report is stored on the run either way."""
-        report = preflight_report(inp.run_id, inp.spec, self.db, self.store, inp.hardware, roots=self.roots())
+        base = stored_base_model(self.store, inp.base_model, self.settings.home) if inp.base_model else None
+        report = preflight_report(inp.run_id, inp.spec, self.db, self.store, inp.hardware, roots=self.roots(), base=base)
         # Keyed: a retried preflight leaves one report and one row per warning.
         self.db.add_event(inp.run_id, "preflight", "preflight report", report.model_dump(mode="json"), key="preflight")
         if not report.ok:
@@ -81,13 +84,24 @@ class CpuActivities:
     @activity.defn(name="snapshot_dataset")
     def snapshot_dataset(self, inp: SnapshotInput) -> DatasetSnapshot:
         """Copy, validate, split and tokenize the dataset. Resumes from nothing: rewrites the same keys."""
-        return make_snapshot(inp.plan, self.db, self.store, roots=self.roots())
+        plan = with_local_base_model(inp.plan, self.store, self.settings.home)  # the tokenizer's folder here
+        return make_snapshot(plan, self.db, self.store, roots=self.roots())
 
     @activity.defn(name="fetch_base_model")
-    def fetch_base_model(self, inp: FetchModelInput) -> FetchedModel:
+    def fetch_base_model(self, inp: FetchModelInput) -> FetchedModel | None:
         """Put a Hugging Face Hub model into the artifact store, once per commit. Resumes from
         the staging folder under home (complete files kept, a partial one continued by Range);
-        an interrupted download fails the attempt as retryable (HubDownloadInterrupted)."""
+        an interrupted download fails the attempt as retryable (HubDownloadInterrupted).
+
+        As a run's step (inp.spec set) it fetches only a Hub id: a local directory or a model in
+        this worker's Hugging Face cache returns None, for preflight to resolve as before; and a
+        model-matrix model that cannot fit the training worker is refused before any request."""
+        if inp.spec is not None:
+            if not fetched_from_hub(inp.repo_id, self.roots()):
+                return None
+            refusal = matrix_memory_refusal(inp.spec, inp.hardware)
+            if refusal:
+                raise user_error(refusal)
         return fetch_from_hub(inp, self.settings, self.db, self.store)
 
     @activity.defn(name="publish")

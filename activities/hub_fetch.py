@@ -4,8 +4,9 @@ on each GPU worker from there.
     fetch_base_model      (worker_cpu) revision -> commit sha; download with huggingface_hub into a
                           staging folder under home; copy into the store under
                           models/<org>--<name>/<commit>/ with the manifest written last
-    materialise_base_model (worker_gpu) the stored model as a local directory, every file checked
-                          against its sha256, cached under home
+    materialise_base_model (every worker) the stored model as a local directory, every file checked
+                          against its sha256, cached under home: preflight and the snapshot on
+                          worker_cpu, training and eval on worker_gpu (with_local_base_model)
 
 A cluster downloads a commit once: every later fetch of it finds the manifest and asks the
 Hub for nothing when the revision is a commit sha (one metadata request for a branch or tag,
@@ -38,9 +39,10 @@ from huggingface_hub.errors import (
 )
 from temporalio.exceptions import ApplicationError
 
+from activities.base_model import ResolvedBaseModel, model_in_folder
 from activities.errors import user_error
 from activities.heartbeat import Heartbeater
-from schemas.activities import FetchedModel, FetchModelInput
+from schemas.activities import FetchedModel, FetchModelInput, TrainingPlan
 from schemas.run_spec import canonical_json
 from schemas.settings import Settings
 from store.artifacts import ArtifactCorrupt, ArtifactStore, sha256_file
@@ -67,7 +69,8 @@ def fetch_base_model(inp: FetchModelInput, settings: Settings, db: BlockingDatab
     hub = HubClient.from_settings(settings)
     if COMMIT_SHA.match(inp.revision) and store.exists(model_manifest_key(inp.repo_id, inp.revision)):
         return _reused(inp, inp.revision, db, store)
-    info = hub.resolve(inp.repo_id, inp.revision)
+    with Heartbeater(settings.heartbeat_every_s):  # a slow Hub is not a dead worker
+        info = hub.resolve(inp.repo_id, inp.revision)
     if store.exists(model_manifest_key(inp.repo_id, info.commit_sha)):
         return _reused(inp, info.commit_sha, db, store)
 
@@ -81,15 +84,15 @@ def fetch_base_model(inp: FetchModelInput, settings: Settings, db: BlockingDatab
          "files": len(info.files)},
         key=f"model-fetch:{info.commit_sha}:start",
     )
+    # Heartbeats also while the files are copied into the store, which takes minutes for a big model.
     with Heartbeater(settings.heartbeat_every_s, progress.tick):
         hub.download(inp.repo_id, info, staging)
-    progress.tick()
-
-    files = {}
-    for rel in info.files:
-        path = staging / rel
-        files[rel] = {"sha256": store.put_file(model_file_key(inp.repo_id, info.commit_sha, rel), path),
-                      "size": path.stat().st_size}
+        progress.tick()
+        files = {}
+        for rel in info.files:
+            path = staging / rel
+            files[rel] = {"sha256": store.put_file(model_file_key(inp.repo_id, info.commit_sha, rel), path),
+                          "size": path.stat().st_size}
     manifest = {
         "format": FORMAT,
         "repo_id": inp.repo_id,
@@ -338,6 +341,23 @@ def materialise_base_model(store: ArtifactStore, manifest_key: str, home: Path) 
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(digest)
     return target
+
+
+def stored_base_model(store: ArtifactStore, fetched: FetchedModel, home: Path) -> ResolvedBaseModel:
+    """A base model fetched into the artifact store, as a verified folder on this machine,
+    named by its Hub commit (what preflight plans with)."""
+    path = materialise_base_model(store, fetched.manifest_key, home)
+    return model_in_folder(fetched.repo_id, path, fetched.commit_sha, fetched.manifest_key)
+
+
+def with_local_base_model(plan: TrainingPlan, store: ArtifactStore, home: Path) -> TrainingPlan:
+    """The plan with base_model_path on this machine. A path made on another machine is never
+    trusted for a model from the store: it is materialised here from the plan's manifest key.
+    A plan of a local directory or cache is returned as it is."""
+    if plan.base_model_manifest_key is None:
+        return plan
+    path = materialise_base_model(store, plan.base_model_manifest_key, home)
+    return plan.model_copy(update={"base_model_path": str(path)})
 
 
 def _reused(inp: FetchModelInput, commit: str, db: BlockingDatabase, store: ArtifactStore) -> FetchedModel:

@@ -35,6 +35,10 @@ Checked against measured peaks on CPU by `benchmarks/memory_estimate.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from schemas.model_matrix import ModelEntry
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 METHODS = ("lora", "qlora")
@@ -119,6 +123,21 @@ class ModelShape:
             vocab_size=int(first("vocab_size")),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             head_dim=int(config.get("head_dim") or 0),
+        )
+
+    @classmethod
+    def from_matrix_entry(cls, entry: ModelEntry) -> ModelShape:
+        """A model-matrix entry's shape (schemas/model_matrix.yaml): estimates before any weights exist."""
+        return cls(
+            num_parameters=entry.parameters,
+            hidden_size=entry.hidden_size,
+            num_layers=entry.num_layers,
+            num_heads=entry.num_heads,
+            num_kv_heads=entry.num_kv_heads,
+            intermediate_size=entry.intermediate_size,
+            vocab_size=entry.vocab_size,
+            tie_word_embeddings=entry.tie_word_embeddings,
+            head_dim=entry.attention_head_dim,
         )
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:

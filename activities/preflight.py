@@ -14,10 +14,10 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from activities.base_model import count_parameters, load_tokenizer, resolve_base_model
+from activities.base_model import ResolvedBaseModel, count_parameters, load_tokenizer, resolve_base_model
 from activities.dataset_render import IGNORE, render_example, render_text
 from activities.dataset_rows import count_duplicates, read_dataset, split_rows
-from activities.defaults import EFFECTIVE_BATCH, resolve_simple_defaults
+from activities.defaults import EFFECTIVE_BATCH, RANK, resolve_simple_defaults
 from activities.errors import user_error
 from activities.local_paths import PathRefused, allowed_path
 from activities.memory_estimate import USABLE_RAM, ModelShape, estimate_training_memory, usable_memory
@@ -88,15 +88,23 @@ def resolve_dataset_path(
 
 
 def preflight_report(
-    run_id: str, spec: RunSpec, db, store, hardware: HardwareInfo | None = None, *, roots: Sequence[Path] = ()
+    run_id: str,
+    spec: RunSpec,
+    db,
+    store,
+    hardware: HardwareInfo | None = None,
+    *,
+    roots: Sequence[Path] = (),
+    base: ResolvedBaseModel | None = None,
 ) -> PreflightReport:
     """The full report. Problems a user can fix are collected as errors, not raised;
     only a missing model or dataset raises (nothing else can be checked without them).
-    `hardware` None (unknown): the plan assumes a CPU worker and says so."""
+    `hardware` None (unknown): the plan assumes a CPU worker and says so. `base`: the model
+    as fetched from the Hub into the store; None resolves spec.base_model on this machine."""
     errors, warnings = [], []
     hp = spec.hyperparameters
 
-    base = resolve_base_model(spec.base_model, roots=roots)
+    base = base or resolve_base_model(spec.base_model, roots=roots)
     arch = (base.config.get("architectures") or [""])[0]
     if not arch.endswith(CAUSAL_LM_SUFFIX) and arch not in _matrix_llm_architectures():
         errors.append(
@@ -235,6 +243,7 @@ def preflight_report(
         base_model_path=str(base.path),
         base_model_id=spec.base_model,
         base_model_revision=base.revision,
+        base_model_manifest_key=base.manifest_key,
         model_type=base.config.get("model_type", "unknown"),
         num_parameters=num_params,
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
@@ -549,6 +558,34 @@ def _plan_memory(spec: RunSpec, shape, max_seq_len: int, hardware: HardwareInfo 
             break
     fixes.append("pick a smaller base model or a worker with more memory")
     return memory, {}, [], [message + " To fit: " + "; or ".join(fixes) + "."], {}
+
+
+def matrix_memory_refusal(spec: RunSpec, hardware: HardwareInfo | None) -> str | None:
+    """Why a model-matrix model cannot be trained with the spec's method on this worker, judged
+    from its matrix entry before any weights are fetched; None when it may fit, when the model is
+    not in the matrix, or when the worker's memory is unknown.
+
+    The same planner as a full preflight (_plan_memory), at the least the run can need: the
+    smallest micro-batch and checkpointing the spec allows, and the spec's max_seq_len or the
+    shortest the planner would choose (the dataset's lengths need the tokenizer, which is not
+    here yet). Preflight plans again from the real config once the model is stored."""
+    from schemas.model_matrix import load_matrix
+
+    entry = load_matrix().get(spec.base_model)
+    if entry is None or entry.kind != "llm" or usable_memory(hardware).bytes is None:
+        return None
+    hp = spec.hyperparameters
+    values = {"lora_r": hp.lora_r or RANK[spec.preset], "batching": hp.batching or "padding_free"}
+    _, _, _, errors, _ = _plan_memory(
+        spec, ModelShape.from_matrix_entry(entry), hp.max_seq_len or SEQ_CANDIDATES[0], hardware,
+        hardware.precision, values,
+    )
+    if not errors:
+        return None
+    return (
+        f"base_model {spec.base_model!r} with method {spec.method.value!r} (planned from its model-matrix entry, "
+        f"before downloading it): {errors[0]}"
+    )
 
 
 def _matrix_llm_architectures() -> set[str]:

@@ -116,8 +116,11 @@ def _manifest(inp: PublishInput, ckpt_manifest: dict, step_losses: list[float], 
         "base_model": {
             "id": plan.base_model_id,
             "revision": plan.base_model_revision,
-            # A hub model's revision is its snapshot's commit; a local one's, the weights' sha256.
-            "source": "hub" if plan.base_model_revision == Path(plan.base_model_path).name else "local",
+            # A hub model's revision is its commit (fetched into the store, or the cache snapshot's
+            # folder name); a local one's, the weights' sha256.
+            "source": "hub"
+            if plan.base_model_manifest_key or plan.base_model_revision == Path(plan.base_model_path).name
+            else "local",
             "model_type": plan.model_type,
             "num_parameters": plan.num_parameters,
         },

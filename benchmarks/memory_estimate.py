@@ -1,6 +1,6 @@
 """Memory estimate vs measured peak: LoRA and QLoRA training steps on tiny models, on CPU.
 
-Run: `.venv/bin/python benchmarks/memory_estimate.py [--models llama,qwen2] [--methods lora,qlora] [--points 512x4,512x4ckpt]`
+Run: `.venv/bin/python benchmarks/memory_estimate.py [--models llama,qwen2] [--methods lora,qlora] [--points 512x4,512x4ckpt,512x4pf]`
 
 Builds two random-weight models in a temporary directory: a Llama (hidden 512, 4 layers,
 8 heads / 4 kv heads, intermediate 1408, vocab 8192: 20M parameters) and a Qwen2 (hidden
@@ -15,7 +15,9 @@ What runs: `LoraRecipe.setup` loads the model through `load_base_model` /
 the second `train_step` (forward, backward, clip, AdamW step, exactly as training runs)
 and `eval_loss` on one batch are measured. A micro-batch holds one row of seq_len tokens
 and shorter ones, so it is padded as real batches are (a batch of one row never is).
-Points marked "ckpt" train with gradient checkpointing. Training on CPU is float32.
+Points marked "ckpt" train with gradient checkpointing; points marked "pf" train
+padding-free (worker_gpu/packing.py) on rows packed full, micro_batch rows of seq_len tokens
+each made of four examples, the most a padding-free micro-batch holds. Training on CPU is float32.
 grad_accum is 1, so every step is that one padded micro-batch; LoRA gradients are then
 not yet allocated at the peak, while the estimate keeps them (they are for grad_accum > 1):
 a conservative 2.3 MB here.
@@ -65,7 +67,7 @@ MODELS = {
             vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
         ),
-        "128x1,256x2,512x4,1024x1,512x4ckpt",
+        "128x1,256x2,512x4,1024x1,512x4ckpt,512x4pf,1024x2pf",
     ),
     "qwen2": (
         "qwen2",
@@ -73,7 +75,7 @@ MODELS = {
             vocab_size=6144, hidden_size=384, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=6,
             num_key_value_heads=2, head_dim=96, max_position_embeddings=2048, tie_word_embeddings=True,
         ),
-        "256x4,768x2,768x2ckpt",
+        "256x4,768x2,768x2ckpt,768x2pf",
     ),
 }
 # Trained once in each subprocess before its baseline (see the docstring).
@@ -98,12 +100,13 @@ def build_model(out_dir: Path, arch: str, config: dict) -> Path:
     return out_dir
 
 
-def parse_points(text: str) -> list[tuple[int, int, bool]]:
+def parse_points(text: str) -> list[tuple[int, int, bool, str]]:
+    """"seq_len x micro_batch", then "ckpt" (gradient checkpointing) or "pf" (padding-free)."""
     points = []
     for item in text.split(","):
-        ckpt = item.endswith("ckpt")
-        seq, mb = item.removesuffix("ckpt").split("x")
-        points.append((int(seq), int(mb), ckpt))
+        ckpt, pf = item.endswith("ckpt"), item.endswith("pf")
+        seq, mb = item.removesuffix("ckpt").removesuffix("pf").split("x")
+        points.append((int(seq), int(mb), ckpt, "padding_free" if pf else "padded"))
     return points
 
 
@@ -111,7 +114,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
     parser.add_argument("--methods", default="lora,qlora")
-    parser.add_argument("--points", help="seq_lenxmicro_batch[ckpt], comma-separated (default: per model)")
+    parser.add_argument("--points", help="seq_lenxmicro_batch[ckpt|pf], comma-separated (default: per model)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -121,7 +124,7 @@ def main() -> int:
     from activities.base_model import count_parameters
 
     errors, baselines = [], []
-    print(f"{'model':6} {'method':6} {'seq_len':>7} {'micro_batch':>11} {'ckpt':>4} "
+    print(f"{'model':6} {'method':6} {'seq_len':>7} {'micro_batch':>11} {'ckpt':>4} {'batching':>12} "
           f"{'estimate MB':>11} {'measured MB':>11} {'error':>7}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lockn-mem-") as tmp:
         for name in args.models.split(","):
@@ -131,10 +134,10 @@ def main() -> int:
             num_params, _ = count_parameters(model_dir)
             shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()), num_params)
             for method in args.methods.split(","):
-                for seq, mb, ckpt in parse_points(args.points or default_points):
+                for seq, mb, ckpt, batching in parse_points(args.points or default_points):
                     point = dict(
                         model_dir=str(model_dir), warm_up_dir=str(warm_up_dir), vocab_size=config["vocab_size"],
-                        method=method, seq_len=seq, micro_batch=mb, checkpointing=ckpt,
+                        method=method, seq_len=seq, micro_batch=mb, checkpointing=ckpt, batching=batching,
                     )
                     out = subprocess.run(
                         [sys.executable, __file__, "--child", json.dumps(point)],
@@ -146,13 +149,13 @@ def main() -> int:
                     measured = json.loads(out.stdout.strip().splitlines()[-1])
                     estimate = estimate_training_memory(
                         shape, method=method, lora_r=LORA_R, target_modules="all-linear", seq_len=seq,
-                        micro_batch=mb, gradient_checkpointing=ckpt, dtype="float32", device="cpu",
+                        micro_batch=mb, gradient_checkpointing=ckpt, dtype="float32", device="cpu", batching=batching,
                     ).training_bytes
                     error = estimate / measured["peak_bytes"] - 1
                     errors.append(error)
                     baselines.append(measured["baseline_bytes"])
                     print(
-                        f"{name:6} {method:6} {seq:>7} {mb:>11} {'yes' if ckpt else 'no':>4} {estimate / MB:>11.1f} "
+                        f"{name:6} {method:6} {seq:>7} {mb:>11} {'yes' if ckpt else 'no':>4} {batching:>12} {estimate / MB:>11.1f} "
                         f"{measured['peak_bytes'] / MB:>11.1f} {error:>+7.1%}",
                         flush=True,
                     )
@@ -173,8 +176,12 @@ def _status_bytes(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _recipe(model_dir: str, method: str, seq_len: int, micro_batch: int, checkpointing: bool, vocab_size: int):
-    """A LoraRecipe on padded micro-batches of random ids: one full-length row, the others shorter."""
+def _recipe(
+    model_dir: str, method: str, seq_len: int, micro_batch: int, checkpointing: bool, vocab_size: int,
+    batching: str = "padded",
+):
+    """A LoraRecipe on one micro-batch of random ids per step: padded, one full-length row and the
+    others shorter; padding-free, micro_batch full rows of seq_len tokens, four examples each."""
     import torch
 
     from schemas.activities import TrainingPlan
@@ -189,7 +196,7 @@ def _recipe(model_dir: str, method: str, seq_len: int, micro_batch: int, checkpo
     hp = HP(
         epochs=1, learning_rate=1e-4, warmup_ratio=0.0, lora_r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.05,
         target_modules="all-linear", max_seq_len=seq_len, micro_batch_size=micro_batch, grad_accum=1,
-        gradient_checkpointing=checkpointing,
+        gradient_checkpointing=checkpointing, batching=batching,
     )
     spec = RunSpec(base_model=model_dir, dataset="unused.jsonl", method=Method(method), hyperparameters=hp)
     plan = TrainingPlan.model_construct(
@@ -197,9 +204,13 @@ def _recipe(model_dir: str, method: str, seq_len: int, micro_batch: int, checkpo
         micro_batch_size=micro_batch, grad_accum=1, max_seq_len=seq_len, total_steps=10, warmup_steps=0,
     )
     g = torch.Generator().manual_seed(0)
+    if batching == "padding_free":
+        lengths = [seq_len // 4] * (4 * micro_batch)
+        plan.hyperparameters.micro_batch_size = len(lengths)  # the examples of one step; packed into micro_batch rows
+    else:
+        lengths = [seq_len - i * max(1, seq_len // (2 * micro_batch)) for i in range(micro_batch)]
     rows = []
-    for i in range(micro_batch):
-        n = seq_len - i * max(1, seq_len // (2 * micro_batch))
+    for n in lengths:
         ids = torch.randint(2, vocab_size, (n,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": ids})
     # grad_accum 1: each step is exactly this one micro-batch, so every step is padded alike.
@@ -207,7 +218,8 @@ def _recipe(model_dir: str, method: str, seq_len: int, micro_batch: int, checkpo
 
 
 def measure(
-    model_dir: str, warm_up_dir: str, vocab_size: int, method: str, seq_len: int, micro_batch: int, checkpointing: bool
+    model_dir: str, warm_up_dir: str, vocab_size: int, method: str, seq_len: int, micro_batch: int, checkpointing: bool,
+    batching: str = "padded",
 ) -> dict:
     """In a fresh process: peak RSS of one steady-state training step and one eval batch."""
     import gc
@@ -225,7 +237,7 @@ def measure(
     del recipe, rows
     gc.collect()
 
-    recipe, rows = _recipe(model_dir, method, seq_len, micro_batch, checkpointing, vocab_size)
+    recipe, rows = _recipe(model_dir, method, seq_len, micro_batch, checkpointing, vocab_size, batching)
     baseline = _status_bytes("VmRSS")
     recipe.setup(None)
     with torch.no_grad():
@@ -238,7 +250,7 @@ def measure(
     recipe.train_step()  # warm-up: AdamW allocates its moments here
     Path("/proc/self/clear_refs").write_text("5")  # peak := current
     recipe.train_step()
-    eval_loss(recipe.model, rows, micro_batch, recipe.device, recipe.dtype)
+    eval_loss(recipe.model, rows, micro_batch, recipe.device, recipe.dtype, batching=batching, max_seq_len=seq_len)
     peak = _status_bytes("VmHWM")
     return {"baseline_bytes": baseline, "peak_bytes": peak - baseline}
 

@@ -37,26 +37,43 @@ def bare_run(spec: RunSpec, out: Path) -> tuple[float, dict]:
     """The same training with the library pieces called directly, in one process."""
     import torch
 
-    from activities.dataset_render import render_example
-    from activities.dataset_rows import deterministic_split, read_dataset
-    from activities.preflight import preflight_report
     from activities.base_model import load_tokenizer
+    from activities.preflight import preflight_report
+    from activities.snapshot import snapshot_dataset
+    from store.artifacts import LocalArtifactStore
     from worker_gpu.model_loading import attach_adapter, load_base_model, pick_device, plan_dtype
+    from worker_gpu.activities import SAMPLES
     from worker_gpu.recipe_lora import LoraRecipe, eval_loss
+    from worker_gpu.samples import generate_sample
 
     started = time.perf_counter()
     # The plan exactly as the preflight activity makes it (activities/cpu.py).
-    report = preflight_report("bare", spec, db=None, store=None, roots=(Path(spec.dataset).resolve().parent,))
+    roots = (Path(spec.dataset).resolve().parent,)
+    report = preflight_report("bare", spec, db=None, store=None, roots=roots)
     if not report.ok:
         raise SystemExit("preflight refused the benchmark's spec: " + " ".join(report.errors))
     plan = report.plan
-    examples, _ = read_dataset(Path(spec.dataset))
+    # The rows the stack trains and evaluates on: the same snapshot, into a local store.
+    store = LocalArtifactStore(out.parent / f"{out.name}-store")
+    snap = snapshot_dataset(plan, None, store, roots=roots)
+    rows = lambda key: [json.loads(line) for line in store.local_file(key).read_text().splitlines()]  # noqa: E731
+    train, evals = rows(snap.train_uri), rows(snap.eval_uri)
     tok = load_tokenizer(plan.base_model_path)
-    train_idx, eval_idx = deterministic_split(len(examples), spec.eval_fraction, spec.hyperparameters.seed)
-    rows = lambda idx: [vars(render_example(examples[i], tok, plan.max_seq_len)) for i in idx]  # noqa: E731
-    train, evals = rows(train_idx), rows(eval_idx)
     device = pick_device()
-    baseline, _ = eval_loss(load_base_model(plan, device), evals, plan.micro_batch_size, device, plan_dtype(plan, device))
+    dtype = plan_dtype(plan, device)
+    measure = lambda model: eval_loss(  # noqa: E731
+        model, evals, plan.micro_batch_size, device, dtype, batching=plan.batching, max_seq_len=plan.max_seq_len
+    )[0]
+
+    def samples(model) -> None:
+        # The stack's evaluate generates these beside each eval loss (baseline and tuned).
+        for row in evals[:SAMPLES]:
+            generate_sample(model, tok, row["prompt"], device, plan.max_seq_len, spec.max_new_tokens)
+
+    base = load_base_model(plan, device)
+    baseline = measure(base)
+    samples(base)
+    del base
     recipe = LoraRecipe(plan, train, device)
     recipe.setup(None)
     recipe.train(plan.total_steps, lambda step, loss: False)
@@ -64,14 +81,29 @@ def bare_run(spec: RunSpec, out: Path) -> tuple[float, dict]:
     recipe.cleanup()
     tuned_model = attach_adapter(load_base_model(plan, device), plan, out, trainable=False)
     eval_started = time.perf_counter()
-    tuned, _ = eval_loss(tuned_model, evals, plan.micro_batch_size, device, plan_dtype(plan, device))
+    tuned = measure(tuned_model)
     eval_seconds = time.perf_counter() - eval_started
+    samples(tuned_model)
     elapsed = time.perf_counter() - started
     del torch
     return elapsed, {
         "baseline": baseline, "tuned": tuned, "adapter_sha256": sha256(out / "adapter_model.safetensors"),
         "eval_rows": len(evals), "eval_s": eval_seconds,
     }
+
+
+def setup_32m(tmp: Path) -> tuple[Path, Path, RunSpec]:
+    """Issue 11's setup: the 32M model and its 1,500 rows; the batch shape of the throughput
+    benchmark (8 examples per step), the rest as a user's spec leaves it to the planner."""
+    from benchmarks.throughput import MAX_SEQ_LEN, PER_STEP, build_model_and_data
+
+    model, data = build_model_and_data(tmp)
+    spec = RunSpec.model_validate({
+        "name": "bench-32m", "base_model": str(model), "dataset": str(data),
+        "hyperparameters": {"max_steps": 20, "max_seq_len": MAX_SEQ_LEN, "micro_batch_size": PER_STEP, "grad_accum": 1,
+                            "lora_r": 16, "lora_alpha": 32, "gradient_checkpointing": False, "seed": 0},
+    })
+    return model, data, spec
 
 
 def stack_run(client: ApiClient, spec: RunSpec) -> tuple[float, dict]:
@@ -97,6 +129,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="max_steps (default: the demo's 4 epochs = 180 steps)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per side; the median is reported")
     parser.add_argument(
+        "--setup", choices=("demo", "32m"), default="demo",
+        help="demo: the demo's tiny model and spec; 32m: issue 11's 32M-parameter Llama and 1,500 rows "
+        "(benchmarks/throughput.py), 8 examples per step, max_seq_len 512",
+    )
+    parser.add_argument(
         "--checkpoint-every", type=int, default=None,
         help="steps per chunk on the stack side (default: the demo's 40; RunSpec's default is 50)",
     )
@@ -106,7 +143,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="lockn-bench-") as tmp:
         tmp = Path(tmp)
-        _, data, spec = demo_inputs(tmp)
+        _, data, spec = demo_inputs(tmp) if args.setup == "demo" else setup_32m(tmp)
         if args.steps:
             spec.hyperparameters.max_steps = args.steps
         if args.checkpoint_every:

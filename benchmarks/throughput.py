@@ -42,16 +42,11 @@ MAX_SEQ_LEN, PER_STEP = 512, 8
 MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
 
 
-def build_setup(work: Path) -> None:
-    """The model, the data, the two plans and the snapshot's train rows, under work."""
+def build_model_and_data(work: Path) -> tuple[Path, Path]:
+    """The 32M model (work/model) and the 1,500 rows (work/data.jsonl) of issue 11's setup."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from activities.preflight import preflight_report
-    from activities.snapshot import snapshot_dataset
-    from schemas.hardware import HardwareInfo
-    from schemas.run_spec import RunSpec
-    from store.artifacts import LocalArtifactStore
     from worker_gpu.tiny_model import train_tokenizer
 
     rng = random.Random(SEED)
@@ -76,7 +71,18 @@ def build_setup(work: Path) -> None:
     model = LlamaForCausalLM(config)
     model.save_pretrained(work / "model", safe_serialization=True)
     tokenizer.save_pretrained(work / "model")
+    return work / "model", data
 
+
+def build_setup(work: Path) -> None:
+    """The model, the data, the two plans and the snapshot's train rows, under work."""
+    from activities.preflight import preflight_report
+    from activities.snapshot import snapshot_dataset
+    from schemas.hardware import HardwareInfo
+    from schemas.run_spec import RunSpec
+    from store.artifacts import LocalArtifactStore
+
+    _, data = build_model_and_data(work)
     hardware = HardwareInfo(device="cpu", cpu_count=os.cpu_count() or 2, memory_available_bytes=8 * 2**30, disk_free_bytes=2**40)
     for batching in ("padded", "padding_free"):
         spec = RunSpec.model_validate({

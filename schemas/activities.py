@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from schemas.datasets import TokenLengths
+from schemas.hardware import HardwareInfo
 from schemas.run_spec import ResolvedHyperparameters, RunSpec
 from schemas.run_state import RunState, RunStatus
 
@@ -60,9 +61,16 @@ class TrainingPlan(BaseModel):
     run_id: str
     spec: RunSpec
     spec_sha256: str
-    base_model_path: str = Field(description="Local directory the weights load from.")
+    base_model_path: str = Field(
+        description="Local directory the weights load from, on the machine that made the plan. For a model "
+        "fetched into the artifact store each worker derives its own from base_model_manifest_key."
+    )
     base_model_id: str = Field(description="What the user named (hub id or directory).")
     base_model_revision: str = Field(description="Hub commit, or sha256 of the local weight files.")
+    base_model_manifest_key: str | None = Field(
+        None, description="Artifact-store manifest of a base model fetched from the Hub (fetch_base_model); every "
+        "worker materialises the model from it. None: a local directory or the worker's Hugging Face cache."
+    )
     model_type: str
     num_parameters: int
     has_chat_template: bool
@@ -138,6 +146,12 @@ class FetchModelInput(BaseModel):
     run_id: str = Field(description="The run whose events report the download.")
     repo_id: str = Field(description="The Hub repo, e.g. 'Qwen/Qwen2.5-0.5B-Instruct'.")
     revision: str = Field("main", description="Branch, tag or commit sha; resolved to a commit sha.")
+    spec: RunSpec | None = Field(
+        None, description="The run's spec when the fetch is a run's step (repo_id is its base_model): a local "
+        "directory or a model in the worker's Hugging Face cache is then not fetched, and a model-matrix model "
+        "whose method cannot fit `hardware` is refused before any download."
+    )
+    hardware: HardwareInfo | None = Field(None, description="The training worker's hardware report; None: unknown.")
 
 
 class FetchedModel(BaseModel):
@@ -220,10 +234,21 @@ class ChunkResult(BaseModel):
     resumed_from_step: int
     seconds: float
     eval_loss: float | None = Field(
-        None, description="Eval loss at the checkpoint, over the whole eval split; None when the spec does not "
-        "evaluate at checkpoints."
+        None, description="Eval loss at the checkpoint over the run's checkpoint eval rows (the same first rows of "
+        "the eval split at every checkpoint); None when the spec does not evaluate at checkpoints."
     )
     eval_tokens: int | None = Field(None, description="Labelled eval tokens eval_loss is the mean over.")
+    eval_rows: int | None = Field(None, description="Eval rows eval_loss was measured on.")
+    final_eval_loss: float | None = Field(
+        None, description="Eval loss over the whole eval split, measured when the chunk reached the plan's last "
+        "step (the tuned eval loss); None otherwise."
+    )
+    final_eval_tokens: int | None = Field(None, description="Labelled eval tokens final_eval_loss is the mean over.")
+
+
+# What a chunk measured at its checkpoint: ChunkResult's fields, the recipe's ChunkOutcome's and
+# the checkpoint manifest's meta keys alike.
+CHUNK_EVAL_FIELDS = ("eval_loss", "eval_tokens", "eval_rows", "final_eval_loss", "final_eval_tokens")
 
 
 class EvaluateInput(BaseModel):

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from schemas.activities import TrainingPlan
+from schemas.activities import FetchedModel, TrainingPlan
 from schemas.datasets import DatasetReport, TokenLengths
 from schemas.hardware import HardwareInfo
 from schemas.run_spec import RunSpec
@@ -87,6 +87,9 @@ class PreflightInput(BaseModel):
     run_id: str
     spec: RunSpec
     hardware: HardwareInfo | None = Field(None, description="The training worker's hardware report; None: unknown.")
+    base_model: FetchedModel | None = Field(
+        None, description="The run's base model as fetch_base_model stored it; None: a local directory or cache."
+    )
 
     @field_validator("hardware", mode="before")
     @classmethod

@@ -115,7 +115,9 @@ class RunSpec(BaseModel):
     project: str = Field("default", pattern=SLUG, description="Project the run belongs to.")
     name: str = Field("run", min_length=1, max_length=120, description="Human name for the run.")
     base_model: str = Field(
-        ..., min_length=1, description="Hugging Face model id (from the local cache) or a local model directory."
+        ..., min_length=1,
+        description="Hugging Face model id (fetched from the Hub into the artifact store when a run starts, unless "
+        "the worker's Hugging Face cache has it) or a local model directory.",
     )
     dataset: str = Field(
         ..., min_length=1, description="An uploaded dataset id (ds_...) or a path to a local JSONL file."

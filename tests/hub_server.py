@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -130,6 +132,25 @@ class HubServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=10)
+
+
+@contextmanager
+def online_hub(monkeypatch) -> Iterator[HubServer]:
+    """A running HubServer, with huggingface_hub online for this test only (conftest sets
+    HF_HUB_OFFLINE=1 for the rest) and small read chunks, so a file cut short halfway has
+    bytes on disk to resume from (the client writes whole 10 MB chunks by default)."""
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub.utils import reset_sessions
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)
+    monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+    reset_sessions()  # sessions made while offline refuse every request
+    try:
+        with HubServer() as server:
+            yield server
+    finally:
+        reset_sessions()
 
 
 def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:

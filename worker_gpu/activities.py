@@ -22,9 +22,10 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from activities.base_model import load_tokenizer
 from activities.errors import user_error
 from activities.heartbeat import Heartbeater
+from activities.hub_fetch import with_local_base_model
 from activities.lineage import hardware
 from runtime import metrics
-from schemas.activities import ChunkInput, ChunkResult, EvalResult, EvalSample, EvaluateInput
+from schemas.activities import CHUNK_EVAL_FIELDS, ChunkInput, ChunkResult, EvalResult, EvalSample, EvaluateInput
 from schemas.hardware import HardwareInfo
 from schemas.errors import OUT_OF_MEMORY, WORKER_SHUTDOWN
 from schemas.settings import Settings
@@ -54,6 +55,12 @@ class GpuActivities:
     def _workdir(self):
         return tempfile.TemporaryDirectory(dir=self.settings.home / "tmp", prefix="activity-")
 
+    def _on_this_worker(self, inp: ChunkInput | EvaluateInput):
+        """inp with its plan's base model on this machine: materialised from the artifact store for
+        a model fetched from the Hub (never the path another machine planned with)."""
+        with Heartbeater(self.settings.heartbeat_every_s):
+            return inp.model_copy(update={"plan": with_local_base_model(inp.plan, self.store, self.settings.home)})
+
     def _fetch_rows(self, key: str, sha256: str, dest: Path) -> list[dict]:
         from worker_gpu.recipe_lora import read_rows
 
@@ -82,6 +89,7 @@ class GpuActivities:
         from worker_gpu.recipe_lora import LoraRecipe, StepOutOfMemory
 
         started = time.monotonic()
+        inp = self._on_this_worker(inp)
         state = {"step": 0, "loss": None, "checkpoint": None}
 
         def heartbeats() -> Heartbeater:
@@ -100,7 +108,7 @@ class GpuActivities:
                         return ChunkResult(
                             checkpoint=ref, step=ref.step, loss=_mean(losses), step_losses=losses,
                             resumed_from_step=ref.step, seconds=time.monotonic() - started,
-                            eval_loss=meta.get("eval_loss"), eval_tokens=meta.get("eval_tokens"),
+                            **{k: meta.get(k) for k in CHUNK_EVAL_FIELDS},
                         )
                 rows = self._fetch_rows(inp.snapshot.train_uri, inp.snapshot.train_sha256, tmp / "train.jsonl")
                 faults.kill_point(self.settings, "model_load")
@@ -168,7 +176,7 @@ class GpuActivities:
                 self.store, inp.run_id, chunk.step, chunk.staging_dir,
                 meta={
                     "hardware": hardware(), "resumed_from_step": chunk.resumed_from,
-                    "eval_loss": chunk.eval_loss, "eval_tokens": chunk.eval_tokens,
+                    **{k: getattr(chunk, k) for k in CHUNK_EVAL_FIELDS},
                 },
                 before_manifest=lambda: faults.kill_point(self.settings, "checkpoint_write"),
             )
@@ -186,7 +194,7 @@ class GpuActivities:
             activity.heartbeat(dict(state))
             self.db.record_progress(
                 inp.run_id, ref.step, inp.plan.total_steps, last_loss,
-                {"loss": last_loss, "checkpoint": ref.step, "eval_loss": chunk.eval_loss},
+                {"loss": last_loss, "checkpoint": ref.step, "eval_loss": chunk.eval_loss, "eval_rows": chunk.eval_rows},
                 key=f"checkpoint:{ref.step}",
             )
             prune_checkpoints(self.store, inp.run_id, inp.plan.spec.keep_checkpoints)
@@ -194,7 +202,7 @@ class GpuActivities:
         return ChunkResult(
             checkpoint=ref, step=ref.step, loss=_mean(chunk.losses), step_losses=chunk.losses,
             resumed_from_step=chunk.resumed_from, seconds=time.monotonic() - started,
-            eval_loss=chunk.eval_loss, eval_tokens=chunk.eval_tokens,
+            **{k: getattr(chunk, k) for k in CHUNK_EVAL_FIELDS},
         )
 
     @activity.defn(name="evaluate")
@@ -212,6 +220,7 @@ class GpuActivities:
         from worker_gpu.samples import clip_start, generate_sample
 
         delay = faults.eval_delay(self.settings)
+        inp = self._on_this_worker(inp)
 
         def between() -> None:
             if delay:

@@ -5,6 +5,7 @@ One code path for a tiny local test model and a real Hugging Face model.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -45,12 +46,26 @@ def base_model_key(plan: TrainingPlan, device: torch.device) -> tuple:
     )
 
 
+def attention_implementation(device: torch.device, dtype: torch.dtype) -> str | None:
+    """flash_attention_2 on a CUDA GPU in a 16-bit dtype when the flash-attn package is
+    installed: its varlen kernels take padding-free rows by their position_ids (cu_seqlens),
+    so a packed row costs its examples' tokens, not its width squared. Otherwise None:
+    transformers' default (SDPA where the architecture has it), which on padding-free rows
+    gets the block-diagonal mask (worker_gpu/packing.py)."""
+    if device.type == "cuda" and dtype != torch.float32 and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
 def load_base_model(plan: TrainingPlan, device: torch.device):
     """The base model as the plan says: NF4 4-bit for QLoRA, compute dtype otherwise."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = plan_dtype(plan, device)
-    kwargs = dict(dtype=dtype, device_map={"": device.index if device.type == "cuda" else "cpu"})
+    kwargs = dict(
+        dtype=dtype, device_map={"": device.index if device.type == "cuda" else "cpu"},
+        attn_implementation=attention_implementation(device, dtype),
+    )
     if plan.spec.method == Method.qlora:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

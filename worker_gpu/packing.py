@@ -1,12 +1,17 @@
 """Padding-free batching: a step's examples concatenated into rows, without attention or
 loss across examples.
 
-The rows of a step are packed first-fit decreasing: examples longest first (ties in step
-order), each into the first row it fits, a row holding at most max_seq_len tokens. Rows
-are then grouped into micro-batches of micro_batch_size rows, so a micro-batch never
-holds more than micro_batch_size x max_seq_len tokens (the shape the memory plan is made
-for) and a step takes at most grad_accum forward passes, usually fewer. The packing is a
-pure function of the step's examples, so resume from a checkpoint stays exact.
+The rows of a step are as few as hold its tokens at max_seq_len per row, and as even as
+possible: examples longest first (ties in step order), each into the row with the fewest
+tokens so far (more rows only when an example would overflow one). Rows of a micro-batch
+are padded to the longest, so even rows waste the least: a step of 8 examples of ~100
+tokens is two rows of ~400, not one of 512 and one of 290. Rows, fullest first, are then
+grouped into micro-batches of micro_batch_size rows, so a micro-batch never holds more
+than micro_batch_size x max_seq_len tokens (the shape the memory plan is made for) and a
+step takes at most grad_accum forward passes, usually fewer. Attention stays bounded by
+max_seq_len per row, where flattening a whole micro-batch into one row would make the CPU's
+attention quadratic in all its tokens. The packing is a pure function of the step's
+examples, so resume from a checkpoint stays exact.
 
 Inside a row each example keeps its own `position_ids` (0, 1, ... restarting per example)
 and its label at its first position is IGNORE: `summed_loss` shifts labels by one, so the
@@ -38,21 +43,25 @@ from activities.dataset_render import IGNORE
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Indices of examples per row, first-fit decreasing into rows of at most capacity tokens.
-    An example longer than capacity gets a row of its own (the snapshot truncates to
-    max_seq_len, so that does not happen in training)."""
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        n = lengths[i]
-        row = next((r for r, space in enumerate(free) if n <= space), None)
-        if row is None:
-            rows.append([i])
-            free.append(capacity - n)
+    """Indices of examples per row: the fewest rows of at most capacity tokens, filled evenly
+    (longest example first, into the emptiest row), fullest row first. An example longer than
+    capacity gets a row of its own (the snapshot truncates to max_seq_len, so that does not
+    happen in training)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    count = max(1, -(-sum(lengths) // capacity))
+    while True:
+        rows: list[list[int]] = [[] for _ in range(count)]
+        fill = [0] * count
+        for i in order:
+            r = min(range(count), key=lambda r: (fill[r], r))
+            if fill[r] and fill[r] + lengths[i] > capacity:
+                break  # even the emptiest row cannot take it: one row more
+            rows[r].append(i)
+            fill[r] += lengths[i]
         else:
-            rows[row].append(i)
-            free[row] -= n
-    return rows
+            kept = [r for r in range(count) if rows[r]]
+            return [rows[r] for r in sorted(kept, key=lambda r: (-fill[r], r))]
+        count += 1
 
 
 def packed_micro_batches(

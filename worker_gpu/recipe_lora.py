@@ -89,8 +89,11 @@ class ChunkOutcome:
     step: int  # the step reached (until_step, or earlier when the chunk was stopped)
     resumed_from: int  # the step of the checkpoint it set up from (0 when fresh)
     losses: list[float]  # the loss of every step after from_step, up to step
-    eval_loss: float | None  # at the checkpoint, when the plan evaluates at checkpoints
+    eval_loss: float | None  # at the checkpoint on the checkpoint eval rows, when the plan evaluates at checkpoints
     eval_tokens: int | None  # the labelled eval tokens eval_loss is the mean over
+    eval_rows: int | None  # the checkpoint eval rows (checkpoint_eval_rows)
+    final_eval_loss: float | None  # over the whole eval split, at the plan's last step
+    final_eval_tokens: int | None
     staging_dir: Path
     save_seconds: float  # writing the checkpoint into staging_dir
 
@@ -110,6 +113,7 @@ class LoraRecipe:
         self.losses: list[float] = []  # every step's loss since step 1, kept in the checkpoint
         self.last_step_seconds = 0.0  # for step-time and tokens/s metrics
         self.last_step_tokens = 0
+        self.last_step_lengths: list[int] = []  # each example's tokens in the last step
         self._orders: dict[int, list[int]] = {}
 
     # setup
@@ -195,7 +199,8 @@ class LoraRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.last_step_seconds = time.perf_counter() - started
-        self.last_step_tokens = sum(len(r["input_ids"]) for r in examples)
+        self.last_step_lengths = [len(r["input_ids"]) for r in examples]
+        self.last_step_tokens = sum(self.last_step_lengths)
         return total / n_tokens
 
     def train(
@@ -280,23 +285,61 @@ class LoraRecipe:
         save_started = time.monotonic()
         self.save_checkpoint(staging_dir)
         save_seconds = time.monotonic() - save_started
-        loss_at_checkpoint = tokens_at_checkpoint = None
+        measured = {"eval_loss": None, "eval_tokens": None, "eval_rows": None, "final_eval_loss": None,
+                    "final_eval_tokens": None}
         if self.plan.spec.eval_at_checkpoints:
-            rows = eval_rows()
-            loss_at_checkpoint, tokens_at_checkpoint = eval_loss(
-                self.model, rows, self.plan.micro_batch_size, self.device, self.dtype,
-                batching=self.plan.batching, max_seq_len=self.plan.max_seq_len,
-            )
+            measured = self.checkpoint_eval(eval_rows())
         return ChunkOutcome(
-            step=self.step, resumed_from=resumed_from, losses=self.losses[from_step:],
-            eval_loss=loss_at_checkpoint, eval_tokens=tokens_at_checkpoint, staging_dir=staging_dir,
-            save_seconds=save_seconds,
+            step=self.step, resumed_from=resumed_from, losses=self.losses[from_step:], staging_dir=staging_dir,
+            save_seconds=save_seconds, **measured,
         )
+
+    def checkpoint_eval(self, rows: list[dict]) -> dict:
+        """Eval loss on the run's checkpoint eval rows; at the plan's last step also over the
+        whole split (the rest measured separately and combined exactly), which is the tuned
+        eval loss, so evaluating the finished adapter again is not needed."""
+        k = checkpoint_eval_rows(rows, self.rows, self.plan)
+        measure = lambda part: eval_loss(  # noqa: E731
+            self.model, part, self.plan.micro_batch_size, self.device, self.dtype,
+            batching=self.plan.batching, max_seq_len=self.plan.max_seq_len,
+        )
+        loss, tokens = measure(rows[:k])
+        out = {"eval_loss": loss, "eval_tokens": tokens, "eval_rows": k, "final_eval_loss": None, "final_eval_tokens": None}
+        if self.step >= self.plan.total_steps:
+            rest_loss, rest_tokens = measure(rows[k:]) if k < len(rows) else (0.0, 0)
+            total = tokens + rest_tokens
+            out.update(final_eval_loss=(loss * tokens + rest_loss * rest_tokens) / max(1, total), final_eval_tokens=total)
+        return out
 
     def cleanup(self) -> None:
         del self.model, self.optimizer, self.scheduler
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+# A checkpoint's eval is sized to at most this share of the tokens its chunk trains on: a
+# forward pass costs about a third of a training step's forward and backward over as many
+# tokens, so checkpoint evals add about 5 % to training.
+CHECKPOINT_EVAL_TOKEN_SHARE = 0.15
+CHECKPOINT_EVAL_MIN_ROWS = 4
+
+
+def checkpoint_eval_rows(eval_rows: list[dict], train_rows: list[dict], plan: TrainingPlan) -> int:
+    """How many eval rows every checkpoint of the run measures: the first rows of the eval split
+    (its order is fixed by the snapshot) whose tokens fit in CHECKPOINT_EVAL_TOKEN_SHARE of one
+    chunk's training tokens (checkpoint_every_steps x examples per step x the mean train row),
+    at least CHECKPOINT_EVAL_MIN_ROWS. A function of the plan and the snapshot alone, so every
+    checkpoint, resumed or not, measures the same rows and their losses compare like with like."""
+    per_step = plan.micro_batch_size * plan.grad_accum  # constant under the out-of-memory back-off
+    mean_train = sum(len(r["input_ids"]) for r in train_rows) / max(1, len(train_rows))
+    budget = CHECKPOINT_EVAL_TOKEN_SHARE * plan.spec.checkpoint_every_steps * per_step * mean_train
+    used, k = 0, 0
+    for row in eval_rows:
+        used += len(row["input_ids"])
+        if used > budget and k >= CHECKPOINT_EVAL_MIN_ROWS:
+            break
+        k += 1
+    return k
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -21,6 +21,8 @@ with workflow.unsafe.imports_passed_through():
         DatasetSnapshot,
         EvalResult,
         EvaluateInput,
+        FetchedModel,
+        FetchModelInput,
         PublishInput,
         PublishResult,
         RecordEventInput,
@@ -40,6 +42,9 @@ with workflow.unsafe.imports_passed_through():
 HARDWARE_QUEUE_PATCH = "inspect-hardware-on-hardware-queue"
 # Runs started before this measured the tuned eval loss again after the last chunk had measured it.
 TUNED_EVAL_PATCH = "tuned-eval-reuses-checkpoint-eval"
+# Runs started before this found a Hub id in the worker's Hugging Face cache or failed; now a
+# fetch_base_model step puts it into the artifact store first.
+FETCH_MODEL_PATCH = "fetch-base-model"
 
 # User errors fail at once; anything else (a lost worker, a locked DB) is retried.
 RETRY = RetryPolicy(
@@ -47,6 +52,15 @@ RETRY = RetryPolicy(
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=30),
     non_retryable_error_types=[USER_ERROR],
+)
+# A download cut short fails its attempt retryably and the next one resumes it, so a fetch gets
+# more attempts; gated, missing and too-big models are user errors and fail at once.
+FETCH_RETRY = RetryPolicy(
+    initial_interval=RETRY.initial_interval,
+    backoff_coefficient=RETRY.backoff_coefficient,
+    maximum_interval=timedelta(seconds=60),
+    maximum_attempts=10,
+    non_retryable_error_types=RETRY.non_retryable_error_types,
 )
 
 
@@ -146,7 +160,8 @@ class TuneLLM:
         return await self._finish(inp, carry, last)
 
     async def _prepare(self, inp: RunInput) -> RunCarry:
-        """Preflight, dataset snapshot and baseline eval."""
+        """Preflight (with the base model fetched from the Hub first, when it is a Hub id),
+        dataset snapshot and baseline eval."""
         spec = inp.spec
         await self._enter(RunState.preflight, "checking the model, the data and the config")
         if workflow.patched(HARDWARE_QUEUE_PATCH):
@@ -166,8 +181,24 @@ class TuneLLM:
             )
         else:
             hardware = await self._gpu("inspect_hardware", None, HardwareInfo)
+        base_model = None
+        if workflow.patched(FETCH_MODEL_PATCH):
+            # The activity decides whether there is anything to fetch (a local folder or a cached
+            # model is not) and reports the download in the run's events, keyed by commit.
+            base_model = await workflow.execute_activity(
+                "fetch_base_model",
+                FetchModelInput(run_id=inp.run_id, repo_id=spec.base_model, spec=spec, hardware=hardware),
+                task_queue=inp.cpu_task_queue,
+                start_to_close_timeout=timedelta(hours=24),
+                heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s),
+                retry_policy=FETCH_RETRY,
+                result_type=FetchedModel | None,
+            )
         plan = await self._cpu(
-            "preflight", PreflightInput(run_id=inp.run_id, spec=spec, hardware=hardware), TrainingPlan, minutes=30
+            "preflight",
+            PreflightInput(run_id=inp.run_id, spec=spec, hardware=hardware, base_model=base_model),
+            TrainingPlan,
+            minutes=30,
         )
         await self._enter(
             RunState.preparing_data,
@@ -253,8 +284,8 @@ class TuneLLM:
         return new
 
     async def _finish(self, inp: RunInput, carry: RunCarry, last: ChunkResult | None) -> RunResult:
-        """Tuned eval and publish. The tuned eval loss is the one the last chunk measured at its
-        checkpoint, when it did; evaluate then only adds the samples."""
+        """Tuned eval and publish. The tuned eval loss is the one the last chunk measured over the
+        whole eval split at the plan's last step, when it did; evaluate then only adds the samples."""
         plan, snapshot, baseline = carry.plan, carry.snapshot, carry.baseline
         await self._enter(RunState.evaluating, f"trained {carry.step} steps, last chunk loss {carry.loss:.4f}")
         measured = {}
@@ -262,10 +293,10 @@ class TuneLLM:
             workflow.patched(TUNED_EVAL_PATCH)
             and last is not None
             and last.checkpoint == carry.checkpoint
-            and last.eval_loss is not None
-            and last.eval_tokens is not None
+            and last.final_eval_loss is not None
+            and last.final_eval_tokens is not None
         ):
-            measured = {"eval_loss": last.eval_loss, "eval_tokens": last.eval_tokens}
+            measured = {"eval_loss": last.final_eval_loss, "eval_tokens": last.final_eval_tokens}
         tuned = await self._gpu(
             "evaluate",
             EvaluateInput(

@@ -31,19 +31,8 @@ class EstimateFn(Protocol):
 
 def estimate_entry_memory(entry: ModelEntry, *, method: str, settings: FitSettings, dtype: str, device: str) -> int:
     """Peak training memory in bytes for a matrix entry, from the same estimator preflight uses."""
-    shape = ModelShape(
-        num_parameters=entry.parameters,
-        hidden_size=entry.hidden_size,
-        num_layers=entry.num_layers,
-        num_heads=entry.num_heads,
-        num_kv_heads=entry.num_kv_heads,
-        intermediate_size=entry.intermediate_size,
-        vocab_size=entry.vocab_size,
-        tie_word_embeddings=entry.tie_word_embeddings,
-        head_dim=entry.attention_head_dim,
-    )
     return estimate_training_memory(
-        shape,
+        ModelShape.from_matrix_entry(entry),
         method=method,
         lora_r=settings.lora_r,
         target_modules=entry.lora_target_modules,

@@ -15,22 +15,21 @@ import shutil
 from pathlib import Path
 
 import pytest
-from huggingface_hub import constants as hub_constants
-from huggingface_hub.utils import reset_sessions
 from pydantic import SecretStr
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.cpu import CpuActivities
-from activities.hub_fetch import DOWNLOAD_INTERRUPTED, EVENT_KIND, materialise_base_model
-from schemas.activities import FetchedModel, FetchModelInput
+from activities.hub_fetch import DOWNLOAD_INTERRUPTED, EVENT_KIND, materialise_base_model, with_local_base_model
+from schemas.activities import FetchedModel, FetchModelInput, TrainingPlan
 from schemas.errors import USER_ERROR
 from schemas.settings import Settings
 from store.artifacts import ArtifactCorrupt, LocalArtifactStore
 from store.blocking import BlockingDatabase
 from store.layout import model_file_key, model_manifest_key
 from store.open_store import open_store
-from tests.hub_server import HubServer
+from tests.conftest import small_spec
+from tests.hub_server import online_hub
 
 REPO = "lockn-tests/tiny-llama"
 WEIGHTS = "model.safetensors"
@@ -38,16 +37,9 @@ WEIGHTS = "model.safetensors"
 
 @pytest.fixture
 def hub(monkeypatch):
-    """The loopback Hub, with huggingface_hub online for this test only (conftest sets
-    HF_HUB_OFFLINE=1 for the rest) and small read chunks, so a file cut short halfway has
-    bytes on disk to resume from (the client writes whole 10 MB chunks by default)."""
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hub_constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)
-    monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
-    reset_sessions()  # sessions made while offline refuse every request
-    with HubServer() as server:
+    """The loopback Hub, with huggingface_hub online for this test only."""
+    with online_hub(monkeypatch) as server:
         yield server
-    reset_sessions()
 
 
 @pytest.fixture
@@ -192,3 +184,22 @@ def test_the_materialised_model_loads_offline_and_bad_bytes_are_refused(hub, cpu
     blob.write_bytes(b"not the weights")
     with pytest.raises(ArtifactCorrupt):
         materialise_base_model(remote, got.manifest_key, tmp_path / "gpu-home-3")
+
+
+def test_a_runs_fetch_step_leaves_a_local_folder_to_preflight(hub, cpu, tiny_model):
+    spec = small_spec(tiny_model, "unused.jsonl")
+    step = FetchModelInput(run_id="run-1", repo_id=spec.base_model, spec=spec)
+    assert ActivityEnvironment().run(cpu.fetch_base_model, step) is None
+    assert hub.requests == [] and events(cpu) == []
+
+
+def test_a_plan_made_on_another_machine_loads_the_model_from_the_store(hub, cpu, tiny_model, tmp_path):
+    hub.add_repo(REPO, tiny_model)
+    got = fetch(cpu)
+    elsewhere = TrainingPlan.model_construct(base_model_path="/on/the/cpu/worker", base_model_manifest_key=got.manifest_key)
+    gpu_home = tmp_path / "gpu-home"
+    here = with_local_base_model(elsewhere, RemoteLikeStore(cpu.store.root), gpu_home)
+    assert Path(here.base_model_path).is_relative_to(gpu_home)
+    assert (Path(here.base_model_path) / WEIGHTS).read_bytes() == (tiny_model / WEIGHTS).read_bytes()
+    local = TrainingPlan.model_construct(base_model_path=str(tiny_model), base_model_manifest_key=None)
+    assert with_local_base_model(local, cpu.store, gpu_home) is local

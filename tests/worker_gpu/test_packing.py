@@ -53,12 +53,15 @@ def row_logits(model, batch: dict, **call) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **call).logits
 
 
-def test_rows_pack_first_fit_decreasing_within_the_budget():
-    rows = pack_rows([300, 100, 200, 250, 50, 512], 512)
-    assert rows == [[5], [0, 2], [3, 1, 4]]
-    assert all(sum([300, 100, 200, 250, 50, 512][i] for i in r) <= 512 for r in rows)
-    batches = packed_micro_batches(examples([300, 100, 200, 250, 50, 512], 100), 2, 512, CPU_DEVICE)
-    assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 512), (1, 400)]
+def test_rows_are_the_fewest_that_fit_the_budget_and_filled_evenly():
+    lengths = [300, 100, 200, 250, 50, 512]
+    rows = pack_rows(lengths, 512)
+    assert rows == [[5], [0, 1, 4], [3, 2]]  # 1,412 tokens: three rows, 512 / 450 / 450
+    batches = packed_micro_batches(examples(lengths, 100), 2, 512, CPU_DEVICE)
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 512), (1, 450)]
+    # A typical step: 8 short examples make two rows of ~400, not 512 + 288 padded to 512.
+    step = [110, 90, 100, 120, 80, 100, 95, 105]
+    assert [sum(step[i] for i in r) for r in pack_rows(step, 512)] == [405, 395]
 
 
 def test_a_packed_row_restarts_positions_and_ignores_each_first_label():

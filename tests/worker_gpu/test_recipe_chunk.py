@@ -14,7 +14,13 @@ from schemas.settings import Settings
 from store.layout import CHECKPOINT_ADAPTER_DIR, CHECKPOINT_CURSOR_FILE, CHECKPOINT_STATE_FILE
 from tests.worker_gpu.planned import CPU_DEVICE, plan_and_rows
 from worker_gpu import faults
-from worker_gpu.recipe_lora import LoraRecipe, StepOutOfMemory
+from worker_gpu.recipe_lora import (
+    CHECKPOINT_EVAL_MIN_ROWS,
+    LoraRecipe,
+    StepOutOfMemory,
+    checkpoint_eval_rows,
+    eval_loss,
+)
 
 
 @pytest.fixture
@@ -65,3 +71,25 @@ def test_the_injected_oom_fails_the_step_and_names_the_batch_shape(planned, tmp_
     with pytest.raises(StepOutOfMemory, match=r"out of memory at micro-batch 2 \(max_seq_len 96\): injected"):
         recipe.run_chunk(None, 0, 4, tmp_path / "out", eval_rows=lambda: evals, before_step=hook)
     assert recipe.step == 0 and not (tmp_path / "out").exists()
+
+
+def test_checkpoints_measure_the_same_few_eval_rows_and_the_last_step_measures_them_all(planned, tmp_path):
+    plan, rows, evals = planned
+    # One step per chunk: the eval budget (a share of a chunk's training tokens) is below the floor.
+    plan = plan.model_copy(update={"spec": plan.spec.model_copy(update={"checkpoint_every_steps": 1})})
+    k = checkpoint_eval_rows(evals, rows, plan)
+    assert k == CHECKPOINT_EVAL_MIN_ROWS < len(evals)
+
+    first = LoraRecipe(plan, rows, CPU_DEVICE).run_chunk(None, 0, 2, tmp_path / "first", eval_rows=lambda: evals)
+    assert first.eval_rows == k and first.final_eval_loss is None
+    recipe = LoraRecipe(plan, rows, CPU_DEVICE)
+    last = recipe.run_chunk(first.staging_dir, 2, plan.total_steps, tmp_path / "last", eval_rows=lambda: evals)
+    assert last.eval_rows == k
+
+    measure = lambda part: eval_loss(  # noqa: E731
+        recipe.model, part, plan.micro_batch_size, CPU_DEVICE, recipe.dtype, batching=plan.batching, max_seq_len=plan.max_seq_len
+    )
+    assert last.eval_loss == measure(evals[:k])[0]
+    whole, tokens = measure(evals)
+    assert last.final_eval_tokens == tokens
+    assert last.final_eval_loss == pytest.approx(whole, rel=1e-6)

@@ -42,6 +42,7 @@ def adapter_dir(stack, run, tmp_path: Path) -> Path:
 async def test_lora_run_learns_and_publishes_a_loadable_adapter(any_stack, tiny_model, datasets, tmp_path):
     """The end-to-end run, on SQLite + filesystem store and on PostgreSQL + S3 store."""
     from store.checkpoints import committed_steps
+    from store.layout import checkpoint_manifest_key
 
     stack = any_stack
     spec = small_spec(tiny_model, datasets["instruction"], keep_checkpoints=1)
@@ -50,12 +51,17 @@ async def test_lora_run_learns_and_publishes_a_loadable_adapter(any_stack, tiny_
     assert run.state == RunState.succeeded.value, run.error
     assert run.step == run.total_steps == 24
     assert run.tuned_eval_loss < run.baseline_eval_loss
-    # Checkpoints at 10, 20, 24: the newest is kept, plus the best eval (the newest here, as loss falls).
-    assert committed_steps(stack.store, run.id) == [24]
-    evals = [e.data["eval_loss"] for e in stack.db.events(run.id) if e.kind == "progress" and "eval_loss" in e.data]
-    assert len(evals) == 3 and evals[-1] < evals[0]
-    # The tuned eval loss is the last checkpoint's eval, not measured a second time.
-    assert run.tuned_eval_loss == evals[-1]
+    checkpoints = {e.data["checkpoint"]: e.data for e in stack.db.events(run.id) if e.kind == "progress" and "checkpoint" in e.data}
+    evals = [checkpoints[step]["eval_loss"] for step in sorted(checkpoints)]
+    assert sorted(checkpoints) == [10, 20, 24] and evals[-1] < evals[0]
+    # The newest checkpoint is kept, plus the one with the best checkpoint eval.
+    best = min(checkpoints, key=lambda step: (checkpoints[step]["eval_loss"], -step))
+    assert committed_steps(stack.store, run.id) == sorted({24, best}, reverse=True)
+    # Every checkpoint measures the same eval rows; the last one also measured the whole eval
+    # split, and that is the tuned eval loss, not measured a second time.
+    assert len({c["eval_rows"] for c in checkpoints.values()}) == 1
+    last = json.loads(stack.store.get_bytes(checkpoint_manifest_key(run.id, 24)))["meta"]
+    assert run.tuned_eval_loss == last["final_eval_loss"]
 
     assert run.adapter_uri.startswith("s3://" if stack.settings.artifact_store == "s3" else "file://")
     adapter = adapter_dir(stack, run, tmp_path)
