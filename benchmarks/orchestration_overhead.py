@@ -117,7 +117,36 @@ def stack_run(client: ApiClient, spec: RunSpec) -> tuple[float, dict]:
     if run["state"] != "succeeded":
         raise SystemExit(f"stack run {run['id']} ended {run['state']}: {run['error']}")
     adapter = Path(run["adapter_path"]) / "adapter_model.safetensors"
-    return elapsed, {"baseline": run["baseline_eval_loss"], "tuned": run["tuned_eval_loss"], "adapter_sha256": sha256(adapter)}
+    return elapsed, {
+        "baseline": run["baseline_eval_loss"], "tuned": run["tuned_eval_loss"], "adapter_sha256": sha256(adapter),
+        "phases": phases(client.run_events(run["id"]), started_at=run["created_at"]),
+    }
+
+
+def phases(events: list[dict], started_at: float) -> dict[str, float]:
+    """Where the stack run's time went, from its events: each state until the next one, with
+    training split into steps, checkpoints (save, checkpoint eval and commit: from a chunk's
+    last step to its checkpoint's event) and chunk set-up (from a checkpoint to the next
+    chunk's first reported step, which includes that step)."""
+    out: dict[str, float] = {}
+    state, since, after_checkpoint = "submitted", started_at, False
+    for e in events:
+        checkpoint = e["kind"] == "progress" and "checkpoint" in e["data"]
+        if checkpoint:
+            label = "checkpoint save+eval+commit"
+        elif e["kind"] == "progress" and after_checkpoint:
+            label = "next chunk set-up+first step"
+        elif e["kind"] == "progress":
+            label = "training steps"
+        else:
+            label = state
+        out[label] = out.get(label, 0.0) + e["ts"] - since
+        since = e["ts"]
+        if e["kind"] == "state":
+            state = e["state"]
+        if e["kind"] in ("state", "progress"):
+            after_checkpoint = checkpoint
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def sha256(path: Path) -> str:
@@ -186,6 +215,7 @@ def main() -> None:
         "stack_losses": [round(s_res["baseline"], 4), round(s_res["tuned"], 4)],
         "bare_losses": [round(b_res["baseline"], 4), round(b_res["tuned"], 4)],
         "same_adapter_bits": s_res["adapter_sha256"] == b_res["adapter_sha256"],
+        "stack_phases_s": s_res["phases"],
     }
     print(json.dumps(report, indent=2))
 
